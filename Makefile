@@ -1,0 +1,38 @@
+# pidserve — the two commands a fresh machine needs: `make serve` and `make test`.
+# Everything else is set up on demand: a virtual environment with a pinned CPU build of
+# torch installed first (a bare `torch` requirement could pull a multi-GB CUDA build).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+# Extra pip arguments for torch only, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pidserve-installed
+
+.PHONY: install test lint serve clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+serve: $(STAMP)
+	@echo "make serve: the decode service (server/) and the embedded default model are not built yet;" >&2
+	@echo "see README.md, 'Status'. Nothing was started." >&2
+	@exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
