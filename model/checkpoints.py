@@ -136,7 +136,9 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path} is not a flat dict of tensors (an official PiD checkpoint is)")
         return RawCheckpoint(tensors=_from_official(dict(state), path), config=None, official=True)
-    raise CheckpointError(f"unknown checkpoint type {path.suffix!r} for {path}: expected .pth or .safetensors")
+    raise CheckpointError(
+        f"unknown checkpoint type {path.suffix!r} for {path}: expected .pth or .safetensors"
+    )
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -171,7 +173,7 @@ def _from_official(state: dict[str, torch.Tensor], path: Path) -> dict[str, torc
 
 
 def detect_version(tensors: Mapping[str, torch.Tensor]) -> str:
-    """"v1.5" when the checkpoint has the pixel gate (pit_lq_gate), else "v1"."""
+    """ "v1.5" when the checkpoint has the pixel gate (pit_lq_gate), else "v1"."""
     return "v1.5" if any(k.startswith("pixel_gate.") for k in tensors) else "v1"
 
 
@@ -232,7 +234,10 @@ def _reset(module: torch.nn.Module) -> None:
 
 
 def _describe(cfg: PiDConfig) -> str:
-    return f"{cfg.version} (latent {cfg.latent_channels} ch, adapter {cfg.adapter_hidden}, {cfg.gate_type} gates)"
+    return (
+        f"{cfg.version} (latent {cfg.latent_channels} ch, adapter {cfg.adapter_hidden}, "
+        f"{cfg.gate_type} gates)"
+    )
 
 
 def _config_diff(a: PiDConfig, b: PiDConfig) -> str:
@@ -242,7 +247,10 @@ def _config_diff(a: PiDConfig, b: PiDConfig) -> str:
 
 # ---- saving ----------------------------------------------------------------------------------
 def save_checkpoint(
-    net: PiDNet, path: str | Path, dtype: torch.dtype | None = None, extra_metadata: dict[str, str] | None = None
+    net: PiDNet,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    extra_metadata: dict[str, str] | None = None,
 ) -> None:
     """Write our format: safetensors of the state dict (optionally cast) + the config as metadata."""
     tensors = {

@@ -91,7 +91,7 @@ class PiDConfig:
 
     @property
     def version(self) -> str:
-        """"v1.5" for nets with the pixel gate (scalar gates, replicate padding), else "v1"."""
+        """ "v1.5" for nets with the pixel gate (scalar gates, replicate padding), else "v1"."""
         return "v1.5" if self.pixel_gate else "v1"
 
     def output_size(self, latent_h: int, latent_w: int) -> tuple[int, int]:
@@ -118,9 +118,7 @@ class PiDConfig:
         if self.patch_depth % self.gate_interval:
             problems.append(f"patch_depth {self.patch_depth} is not a multiple of gate_interval")
         if self.latent_channels % (self.latent_unpatchify**2):
-            problems.append(
-                f"latent_channels {self.latent_channels} is not divisible by latent_unpatchify^2"
-            )
+            problems.append(f"latent_channels {self.latent_channels} is not divisible by latent_unpatchify^2")
         if self.adapter_hidden % 4:
             problems.append(f"adapter_hidden {self.adapter_hidden} must be divisible by 4 (GroupNorm(4))")
         if self.gate_type not in ("per_token", "per_token_per_dim"):
@@ -199,8 +197,11 @@ _IGNORED_OFFICIAL_KEYS = {
     "ed_num_heads", "ed_hidden_size", "ed_use_token_shuffle", "zero_init_lq", "train_lq_proj_only",
     "lq_aux_rgb_head_latent_block_idx",
 }  # fmt: skip
-# The official gate-type strings (note: "..._and_dim" appears in official docstrings but is rejected there too).
-_OFFICIAL_GATE_TYPES = {"sigma_aware_per_token": "per_token", "sigma_aware_per_token_per_dim": "per_token_per_dim"}
+# The official gate-type strings ("..._and_dim" appears in official docstrings but is rejected there too).
+_OFFICIAL_GATE_TYPES = {
+    "sigma_aware_per_token": "per_token",
+    "sigma_aware_per_token_per_dim": "per_token_per_dim",
+}
 _OFFICIAL_TO_OURS = {
     "hidden_size": "hidden_size",
     "num_groups": "num_heads",

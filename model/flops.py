@@ -39,7 +39,9 @@ def _linear(tokens: int, d_in: int, d_out: int) -> int:
     return 2 * tokens * d_in * d_out
 
 
-def step_flops(cfg: PiDConfig, height: int, width: int, text_len: int | None = None, batch: int = 1) -> FlopBreakdown:
+def step_flops(
+    cfg: PiDConfig, height: int, width: int, text_len: int | None = None, batch: int = 1
+) -> FlopBreakdown:
     """FLOPs of one velocity evaluation (`PiDNet.velocity`) at output size height x width."""
     lt = cfg.text_max_length if text_len is None else text_len
     d, p = cfg.hidden_size, cfg.patch_size
@@ -78,7 +80,9 @@ def step_flops(cfg: PiDConfig, height: int, width: int, text_len: int | None = N
     return FlopBreakdown(patch_attention=attention, patch_linear=linear, pixel_blocks=pixel).scaled(batch)
 
 
-def condition_flops(cfg: PiDConfig, height: int, width: int, text_len: int | None = None, batch: int = 1) -> FlopBreakdown:
+def condition_flops(
+    cfg: PiDConfig, height: int, width: int, text_len: int | None = None, batch: int = 1
+) -> FlopBreakdown:
     """FLOPs of `PiDNet.condition`: the adapter trunk and heads (and the text projection)."""
     lt = cfg.text_max_length if text_len is None else text_len
     p, hq = cfg.patch_size, cfg.adapter_hidden

@@ -234,7 +234,9 @@ class PiDNet(nn.Module):
         batch = latent.shape[0]
         height, width = image_size or cfg.output_size(latent.shape[-2], latent.shape[-1])
         if height % cfg.patch_size or width % cfg.patch_size:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}"
+            )
         grid = (height // cfg.patch_size, width // cfg.patch_size)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latent.device).reshape(-1).expand(batch)
 
@@ -299,7 +301,9 @@ class PiDNet(nn.Module):
         last = len(self.patch_blocks) - 1
         for i, block in enumerate(self.patch_blocks):
             if i % cfg.gate_interval == 0:
-                s = self.gates[i // cfg.gate_interval](s, cond.gate_features[i // cfg.gate_interval], cond.sigma)
+                s = self.gates[i // cfg.gate_interval](
+                    s, cond.gate_features[i // cfg.gate_interval], cond.sigma
+                )
             s, y = block(s, y, c, cond.joint_rope, text_out=i < last)
         s = F.silu(t_emb + s)
         if self.pixel_gate is not None:

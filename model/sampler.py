@@ -98,7 +98,9 @@ def _noise_source(
     """A function returning the next standard-normal draw of `shape` (float32)."""
     if noises is not None:
         if len(noises) != expected:
-            raise ValueError(f"noises must hold {expected} tensors (initial + one per re-noising), got {len(noises)}")
+            raise ValueError(
+                f"noises must hold {expected} tensors (initial + one per re-noising), got {len(noises)}"
+            )
         for i, n in enumerate(noises):
             if tuple(n.shape) != shape:
                 raise ValueError(f"noises[{i}] has shape {list(n.shape)}, expected {list(shape)}")
