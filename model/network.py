@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapter import LatentAdapter, SigmaGate
 from .config import PiDConfig, ntk_theta
+from .latents import LatentError
 from .layers import (
     GeluMLP,
     RMSNorm,
@@ -231,6 +232,11 @@ class PiDNet(nn.Module):
         tokens); image_size (H, W) defaults to the config's output size for this latent.
         """
         cfg = self.cfg
+        if latent.ndim != 4 or latent.shape[1] != cfg.latent_channels:
+            raise LatentError(
+                f"this network decodes '{cfg.latent_space}' latents of shape [B, {cfg.latent_channels}, h, w]; "
+                f"got {list(latent.shape)}"
+            )
         batch = latent.shape[0]
         height, width = image_size or cfg.output_size(latent.shape[-2], latent.shape[-1])
         if height % cfg.patch_size or width % cfg.patch_size:

@@ -51,3 +51,14 @@ def test_backbone_and_adapter_parameter_counts() -> None:
         expected = RELEASED[variant]["param_counts"]
         assert counts["backbone"] == expected["backbone"], variant
         assert counts["adapter"] == expected["adapter_total"], variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_preset_latent_space_is_registered_and_consistent(variant: str) -> None:
+    from pidserve.model import get_latent_space
+
+    cfg = PiDConfig.preset(variant)
+    space = get_latent_space(cfg.latent_space)
+    assert space.channels == cfg.latent_channels
+    assert space.downsample == cfg.latent_downsample
+    assert variant in space.pid_variants

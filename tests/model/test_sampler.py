@@ -135,3 +135,10 @@ def test_bfloat16_network_runs_close_to_float32(net: PiDNet) -> None:
     low = sample(half, _latent(), 0.2, noises=noises)
     assert low.dtype == torch.float32
     assert (ref - low).abs().mean() < 0.05
+
+
+def test_wrong_latent_channels_name_the_space(net: PiDNet) -> None:
+    from pidserve.model import LatentError
+
+    with pytest.raises(LatentError, match=r"'flux1' latents of shape \[B, 16, h, w\]; got \[1, 4, 2, 2\]"):
+        sample(net, torch.randn(1, 4, 2, 2), 0.0)
