@@ -234,8 +234,8 @@ class PiDNet(nn.Module):
         cfg = self.cfg
         if latent.ndim != 4 or latent.shape[1] != cfg.latent_channels:
             raise LatentError(
-                f"this network decodes '{cfg.latent_space}' latents of shape [B, {cfg.latent_channels}, h, w]; "
-                f"got {list(latent.shape)}"
+                f"this network decodes '{cfg.latent_space}' latents of shape "
+                f"[B, {cfg.latent_channels}, h, w]; got {list(latent.shape)}"
             )
         batch = latent.shape[0]
         height, width = image_size or cfg.output_size(latent.shape[-2], latent.shape[-1])
