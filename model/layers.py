@@ -27,7 +27,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Written out (not F.rms_norm) so that it exports to every ONNX opset and TensorRT version;
+        # compilers fuse it back into one kernel.
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return normed * self.weight.to(x.dtype)
 
 
@@ -94,8 +97,10 @@ def rope_angles_2d(
     """
     axis_dim = head_dim // 2
     exponents = torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device) / axis_dim
-    freq_w = 1.0 / (torch.tensor(theta_w, dtype=torch.float32, device=device) ** exponents)
-    freq_h = 1.0 / (torch.tensor(theta_h, dtype=torch.float32, device=device) ** exponents)
+    # Python-float bases enter the float32 pow as float32 (no tensor is copied from the host,
+    # so this also runs inside a CUDA graph capture).
+    freq_w = 1.0 / (theta_w**exponents)
+    freq_h = 1.0 / (theta_h**exponents)
     xs = torch.linspace(0, ROPE_POSITION_RANGE, grid_w, dtype=torch.float32, device=device)
     ys = torch.linspace(0, ROPE_POSITION_RANGE, grid_h, dtype=torch.float32, device=device)
     angle_x = (xs[:, None] * freq_w[None]).expand(grid_h, grid_w, -1)  # [h, w, d/4]
@@ -113,24 +118,28 @@ def rope_angles_1d(length: int, head_dim: int, theta: float, device: torch.devic
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x [B, N, heads, d] by angles given as cos/sin [N, 1, d/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.float().unflatten(-1, (x.shape[-1] // 2, 2))
     u, w = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([u * cos - w * sin, u * sin + w * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)
 
 
-def pixel_position_table(height: int, width: int, dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos table [height, width, dim] (float64) over integer pixel coordinates.
+def pixel_position_table(
+    height: int, width: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Fixed 2D sin-cos table [height, width, dim] over integer pixel coordinates.
 
     The first dim/2 features encode the column, the last dim/2 the row; each half is
-    [sin(pos * w_i), cos(pos * w_i)] with w_i = 10000^(-i / (dim / 4)).
+    [sin(pos * w_i), cos(pos * w_i)] with w_i = 10000^(-i / (dim / 4)). Sines and cosines are
+    computed in float64 (per row and per column only), then cast to `dtype` and broadcast.
+    Built on `device` directly: no host-to-device copy, so it can run inside a CUDA graph.
     """
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
 
     def encode(n: int) -> torch.Tensor:
-        angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # [n, dim/2]
+        angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).to(dtype)  # [n, dim/2]
 
     cols = encode(width)[None].expand(height, width, dim // 2)
     rows = encode(height)[:, None].expand(height, width, dim // 2)

@@ -57,7 +57,7 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        head_dim = dim // heads
+        self.head_dim = head_dim = dim // heads
         self.qkv_x = nn.Linear(dim, 3 * dim, bias=False)
         self.qkv_y = nn.Linear(dim, 3 * dim, bias=False)
         self.q_norm_x, self.k_norm_x = RMSNorm(head_dim), RMSNorm(head_dim)
@@ -70,8 +70,10 @@ class JointAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, L, D] image, y [B, Lt, D] text -> (image out, text out or None if not wanted)."""
         text_len = y.shape[1]
-        qx, kx, vx = self.qkv_x(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
-        qy, ky, vy = self.qkv_y(y).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        # Explicit sizes (no -1): the text stream may have 0 tokens, where -1 is ambiguous.
+        split = (3, self.heads, self.head_dim)
+        qx, kx, vx = self.qkv_x(x).unflatten(-1, split).unbind(2)
+        qy, ky, vy = self.qkv_y(y).unflatten(-1, split).unbind(2)
         cos, sin = rope
         q = apply_rope(torch.cat([self.q_norm_y(qy), self.q_norm_x(qx)], dim=1), cos, sin)
         k = apply_rope(torch.cat([self.k_norm_y(ky), self.k_norm_x(kx)], dim=1), cos, sin)
@@ -127,12 +129,13 @@ class PatchSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
         cos, sin = rope
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
@@ -287,7 +290,7 @@ class PiDNet(nn.Module):
         return angles.cos()[:, None], angles.sin()[:, None]
 
     def _pixel_positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        table = pixel_position_table(height, width, self.cfg.pixel_hidden_size).to(device, self.dtype)
+        table = pixel_position_table(height, width, self.cfg.pixel_hidden_size, device, self.dtype)
         return to_patch_pixels(table.permute(2, 0, 1)[None], self.cfg.patch_size)[0]
 
     # ---- once per step ----------------------------------------------------------------------

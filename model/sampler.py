@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from pidserve.kernels import postprocess_reference
+
 from .network import Conditioning, PiDNet
 
 # The distilled student's schedule, as float32 values (0.999 is 0.99900001287... in float32).
@@ -70,20 +72,40 @@ def sample(
     draw after each step but the last] (steps tensors of [B, 3, H, W]), else from `generator`
     in that order. Pass `cond` to reuse a Conditioning already built for this latent.
     """
-    t_list = student_timesteps(steps).to(latent.device)
+    t_list = student_timesteps(steps)
     cond = cond or net.condition(latent, torch.as_tensor(sigma), text)
     height, width = cond.image_size
     shape = (latent.shape[0], 3, height, width)
     draw = _noise_source(shape, latent.device, noises, generator, expected=steps)
+    return student_steps(lambda x, t_scaled: net.velocity(x, t_scaled, cond), draw, t_list, callback)
 
+
+def student_steps(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    draw: Callable[[], torch.Tensor],
+    t_list: torch.Tensor,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """The student's stochastic rollout, for any velocity function (eager net, ONNX, TensorRT).
+
+    velocity(x_t [B,3,H,W], t_scaled [B]) -> v; draw() -> the next N(0, 1) tensor [B,3,H,W]
+    (first the initial noise, then one per re-noising); t_list float32 [steps + 1].
+    Returns float32 [B, 3, H, W] clamped to [-1, 1]. The times become Python floats up front
+    (exact float32 values), so the loop never syncs with the device and can be graph-captured.
+    """
+    times = t_list.float().cpu()
+    scaled = (times * FM_TIMESCALE).tolist()  # t * 1000 rounded in float32: 999, 866, 634, 342
+    times = times.tolist()
     x = draw()
-    for k in range(steps):
-        t_cur, t_next = t_list[k], t_list[k + 1]
-        v = net.velocity(x, (t_cur * FM_TIMESCALE).expand(shape[0]), cond)
+    batch = x.shape[0]
+    for k in range(len(times) - 1):
+        t_cur, t_next = times[k], times[k + 1]
+        v = velocity(x, torch.full((batch,), scaled[k], dtype=torch.float32, device=x.device))
         # x0 in float64 (x, v and the float32 t upcast), as the official sampler computes it.
-        x0 = (x.double() - t_cur.double() * v.double()).float()
+        x0 = (x.double() - t_cur * v.double()).float()
         if callback is not None:
-            callback(StepRecord(index=k, t=float(t_cur), x_t=x, velocity=v, x0=x0))
+            callback(StepRecord(index=k, t=t_cur, x_t=x, velocity=v, x0=x0))
+        # (1 - t_next) and t_next enter as float32 scalars, like the official float32 tensors.
         x = (1 - t_next) * x0 + t_next * draw() if t_next > 0 else x0
     return x.clamp(-1, 1)
 
@@ -180,7 +202,7 @@ def sample_teacher(
 def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float [B, 3, H, W] -> uint8 [B, H, W, 3]: (x + 1) * 127.5, truncated (not rounded).
 
-    Truncation matches the official image conversion (numpy astype), so uint8 outputs agree exactly.
+    Truncation matches the official image conversion (numpy astype), so uint8 outputs agree
+    exactly. The one definition lives in pidserve.kernels (its plain-torch reference).
     """
-    scaled = (images.float().clamp(-1, 1) + 1) * 127.5
-    return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return postprocess_reference(images)

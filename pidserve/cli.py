@@ -151,6 +151,143 @@ def info(
     _print_report(report)
 
 
+def _load_model(checkpoint: str, variant: str | None):
+    """A PiDNet from our checkpoint (config inside) or an official one (--variant needed)."""
+    from pidserve.model import CheckpointError, PiDConfig, load_checkpoint
+
+    if checkpoint == "default":
+        raise _fail(
+            "the embedded default model (pid-tiny) is not shipped yet; pass --checkpoint FILE "
+            "(see README, 'Status')"
+        )
+    try:
+        return load_checkpoint(checkpoint, PiDConfig.preset(variant) if variant else None)
+    except (CheckpointError, KeyError) as exc:
+        raise _fail(str(exc).strip('"')) from None
+
+
+def _read_latent(path: Path):
+    """A latent file -> (latent [B, C, h, w] float32, sigma [B] or None). Never unpickles."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise _fail(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        if "latent" not in tensors:
+            raise _fail(f"{path} has no tensor named 'latent' (found: {', '.join(tensors) or 'none'})")
+        latent, sigma = tensors["latent"], tensors.get("sigma")
+    elif path.suffix == ".npy":
+        try:
+            latent, sigma = torch.from_numpy(np.load(path, allow_pickle=False)), None
+        except ValueError as exc:
+            raise _fail(f"could not read {path} as a plain .npy array: {exc}") from None
+    else:
+        raise _fail(
+            f"latent files are .safetensors (tensor 'latent', optional 'sigma') or .npy, got {path.name}"
+        )
+    latent = latent.float()
+    if latent.ndim == 3:
+        latent = latent[None]
+    return latent, (None if sigma is None else sigma.float().reshape(-1))
+
+
+@app.command()
+def decode(
+    latent_file: Annotated[
+        Path, typer.Argument(help="Latent .safetensors (tensor 'latent') or .npy [B,C,h,w].")
+    ],
+    checkpoint: Annotated[str, typer.Option(help="Model checkpoint (ours, or official with --variant).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="PNG path (a batch adds _0, _1, ...).")
+    ] = Path("decoded.png"),
+    variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
+    backend: Annotated[str, typer.Option(help="torch | torch-compile | onnxruntime | tensorrt")] = "torch",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 (fp8: tensorrt engines).")] = "fp32",
+    engine_dir: Annotated[Path | None, typer.Option(help="ONNX export or TensorRT engine directory.")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed; sample i of a batch uses seed + i.")] = 0,
+    sigma: Annotated[
+        float | None, typer.Option(help="The latent's noise level in [0, 1] (default: file or 0).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Student steps, 1-4.")] = 4,
+) -> None:
+    """Decode a latent file to PNG on a chosen backend (compare backends with the same --seed)."""
+    import torch
+    from PIL import Image
+
+    from pidserve.engines import DecodeBatch, EngineConfigError, EngineInputError, ShapeProfile, open_engine
+    from pidserve.model import LatentError, get_latent_space
+    from pidserve.model.latents import validate_sigma
+
+    latent, file_sigma = _read_latent(latent_file)
+    net = _load_model(checkpoint, variant)
+    batch_size = latent.shape[0]
+    try:
+        get_latent_space(net.cfg.latent_space).validate(latent)
+        sigmas = validate_sigma(
+            sigma if sigma is not None else (file_sigma if file_sigma is not None else 0.0), batch_size
+        )
+    except LatentError as exc:
+        raise _fail(str(exc)) from None
+    size = net.cfg.output_size(latent.shape[-2], latent.shape[-1])
+    try:
+        engine = open_engine(
+            backend,
+            net=net,
+            device=device,
+            precision=precision,
+            max_batch=batch_size,
+            engine_dir=engine_dir,
+            profile=ShapeProfile(size, (batch_size,)),
+        )
+        seeds = torch.arange(batch_size, dtype=torch.int64) + seed
+        result = engine.decode(DecodeBatch(latent, sigmas, seeds, None, steps))
+    except (EngineConfigError, EngineInputError) as exc:
+        raise _fail(str(exc)) from None
+    paths = (
+        [output]
+        if batch_size == 1
+        else [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(batch_size)]
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(result.images, paths, strict=True):
+        Image.fromarray(image.numpy()).save(path)
+    timings = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result.timings.items())
+    typer.echo(
+        f"wrote {', '.join(map(str, paths))} ({size[0]}x{size[1]}, backend {engine.backend}; {timings})"
+    )
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Option(help="Model checkpoint (ours, or official with --variant).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Export directory.")],
+    variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
+    size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "2048x2048",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes, e.g. 1,2,4.")] = "1",
+    text_tokens: Annotated[int, typer.Option(help="Text tokens of the served requests (0: none).")] = 0,
+    verify: Annotated[bool, typer.Option(help="Check the graphs against PyTorch with onnxruntime.")] = True,
+) -> None:
+    """Export the network as ONNX (condition.onnx + step.onnx) for one output size."""
+    from pidserve.engines import ShapeProfile
+    from pidserve.engines.export import export_onnx, verify_export
+
+    net = _load_model(checkpoint, variant)
+    try:
+        sizes = tuple(sorted({int(b) for b in batch_sizes.split(",")}))
+    except ValueError:
+        raise _fail(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    profile = ShapeProfile(_parse_size(size), sizes, text_tokens)
+    graphs = export_onnx(net, output, profile)
+    typer.echo(f"wrote {graphs.condition} and {graphs.step}")
+    if verify:
+        error = verify_export(net, graphs)
+        typer.echo(f"onnxruntime vs PyTorch: max |velocity difference| = {error:.2e}")
+
+
 def _print_report(report: dict[str, object]) -> None:
     for key in ("preset", "file", "format", "variants", "stored_dtypes"):
         if key in report:

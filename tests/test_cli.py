@@ -89,3 +89,59 @@ def test_info_bad_arguments() -> None:
     assert "either a CHECKPOINT or --preset" in runner.invoke(app, ["info"]).output
     listing = runner.invoke(app, ["info", "--list"]).output
     assert "2kto4k_v1pt5_qwenimage" in listing and "tiny_v1" in listing
+
+
+def _latent_file(tmp_path: Path, channels: int = 16, sigma: float | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {"latent": torch.randn(1, channels, 2, 2, generator=torch.Generator().manual_seed(1))}
+    if sigma is not None:
+        tensors["sigma"] = torch.tensor([sigma])
+    path = tmp_path / "latent.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def _our_checkpoint(tmp_path: Path) -> Path:
+    from pidserve.model import PiDConfig, save_checkpoint
+
+    path = tmp_path / "tiny_v1.safetensors"
+    save_checkpoint(
+        load_checkpoint(OFFICIAL / "tiny_v1" / "weights.safetensors", PiDConfig.preset("tiny_v1")), path
+    )
+    return path
+
+
+def test_decode_writes_a_png_of_the_output_size(tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    args = ["decode", str(_latent_file(tmp_path, sigma=0.2)), "--checkpoint", str(_our_checkpoint(tmp_path))]
+    result = runner.invoke(app, [*args, "-o", str(out), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    first = Image.open(out)
+    assert first.size == (64, 64) and first.mode == "RGB"
+    pixels = torch.from_numpy(__import__("numpy").asarray(first))
+    again = tmp_path / "again.png"
+    assert runner.invoke(app, [*args, "-o", str(again), "--seed", "3"]).exit_code == 0
+    assert torch.equal(pixels, torch.from_numpy(__import__("numpy").asarray(Image.open(again))))
+
+
+def test_decode_reports_bad_inputs(tmp_path: Path) -> None:
+    checkpoint = str(_our_checkpoint(tmp_path))
+    wrong = runner.invoke(
+        app, ["decode", str(_latent_file(tmp_path, channels=4)), "--checkpoint", checkpoint]
+    )
+    assert wrong.exit_code == 2 and "[B, 16, h, w]" in wrong.output
+    bad_sigma = runner.invoke(
+        app, ["decode", str(_latent_file(tmp_path)), "--checkpoint", checkpoint, "--sigma", "1.5"]
+    )
+    assert bad_sigma.exit_code == 2 and "sigma" in bad_sigma.output
+    pickled = tmp_path / "latent.npy"
+    import numpy as np
+
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    refused = runner.invoke(app, ["decode", str(pickled), "--checkpoint", checkpoint])
+    assert refused.exit_code == 2 and "plain .npy" in refused.output
+    default = runner.invoke(app, ["decode", str(_latent_file(tmp_path)), "--checkpoint", "default"])
+    assert default.exit_code == 2 and "not shipped yet" in default.output

@@ -1,0 +1,214 @@
+"""The one Engine interface every backend implements, and what crosses it.
+
+    DecodeBatch (CPU tensors) --Engine.decode()--> DecodeResult (uint8 [B, H, W, 3] on CPU + timings)
+
+A decode is latent pre-processing, the adapter trunk once, `steps` network evaluations with
+fresh noise, and the uint8 post-process — all on the engine's device, with one host-to-device
+copy of the inputs and one device-to-host copy of the pixels. Noise comes from each sample's
+own seed, so a request decodes to the same pixels whatever batch it shares (on one backend).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class EngineInputError(ValueError):
+    """A batch this engine cannot decode (shape, batch size, steps); the message says what fits."""
+
+
+class EngineConfigError(ValueError):
+    """An engine that cannot be built or loaded as asked (wrong device, precision, GPU, version)."""
+
+
+@dataclass
+class DecodeBatch:
+    """What an engine decodes. All tensors on the CPU.
+
+    latents: float32 [B, C, h, w] normalised latents; sigmas: float32 [B] in [0, 1];
+    seeds: int64 [B]; text: float32 [B, Lt, text_dim] or None (no text tokens); steps: 1-4.
+    """
+
+    latents: torch.Tensor
+    sigmas: torch.Tensor
+    seeds: torch.Tensor
+    text: torch.Tensor | None = None
+    steps: int = 4
+
+    @property
+    def size(self) -> int:
+        return int(self.latents.shape[0])
+
+    @classmethod
+    def single(
+        cls,
+        latent: torch.Tensor,
+        sigma: float = 0.0,
+        seed: int = 0,
+        text: torch.Tensor | None = None,
+        steps: int = 4,
+    ) -> DecodeBatch:
+        """A batch of one from a latent [C, h, w] or [1, C, h, w]."""
+        latent = latent if latent.ndim == 4 else latent[None]
+        return cls(
+            latents=latent.float(),
+            sigmas=torch.tensor([sigma], dtype=torch.float32),
+            seeds=torch.tensor([seed], dtype=torch.int64),
+            text=text,
+            steps=steps,
+        )
+
+
+@dataclass
+class DecodeResult:
+    images: torch.Tensor  # uint8 [B, H, W, 3] on the CPU
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can decode; `check` turns a mismatch into an EngineInputError."""
+
+    backend: str
+    device: str
+    precision: str
+    latent_channels: int
+    latent_space: str
+    text_dim: int
+    output_scale: int  # output pixels per latent cell
+    max_batch: int
+    batch_sizes: tuple[int, ...] | None = None  # None: any size up to max_batch
+    image_sizes: tuple[tuple[int, int], ...] | None = None  # None: any multiple of 16
+    steps: tuple[int, ...] = (1, 2, 3, 4)
+    text_tokens: tuple[int, ...] | None = None  # None: any count (0 = no text)
+
+    def image_size(self, latent_hw: Sequence[int]) -> tuple[int, int]:
+        return int(latent_hw[0]) * self.output_scale, int(latent_hw[1]) * self.output_scale
+
+    def check(self, batch: DecodeBatch) -> None:
+        latents = batch.latents
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise EngineInputError(
+                f"this engine decodes '{self.latent_space}' latents [B, {self.latent_channels}, h, w]; "
+                f"got {list(latents.shape)}"
+            )
+        n = batch.size
+        if not 1 <= n <= self.max_batch:
+            raise EngineInputError(f"batch size {n} is outside 1..{self.max_batch} for this engine")
+        if batch.sigmas.shape != (n,) or batch.seeds.shape != (n,):
+            raise EngineInputError(
+                f"sigmas and seeds must have shape [{n}]; "
+                f"got {list(batch.sigmas.shape)} and {list(batch.seeds.shape)}"
+            )
+        if batch.steps not in self.steps:
+            raise EngineInputError(
+                f"steps={batch.steps} is not supported; this engine runs {list(self.steps)}"
+            )
+        size = self.image_size(latents.shape[-2:])
+        if self.image_sizes is not None and size not in self.image_sizes:
+            fits = ", ".join(f"{h}x{w}" for h, w in self.image_sizes)
+            raise EngineInputError(
+                f"output size {size[0]}x{size[1]} is not built into this engine; built: {fits}"
+            )
+        if batch.text is not None and (batch.text.ndim != 3 or batch.text.shape[0] != n):
+            raise EngineInputError(f"text must be [{n}, tokens, dim]; got {list(batch.text.shape)}")
+        tokens = 0 if batch.text is None else int(batch.text.shape[1])
+        if self.text_tokens is not None and tokens not in self.text_tokens:
+            raise EngineInputError(
+                f"{tokens} text tokens given; this engine was built for {list(self.text_tokens)}"
+            )
+
+
+class Engine(ABC):
+    """Decode batches of latents into uint8 images. Backends never fall back to one another."""
+
+    backend: str = "abstract"
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> EngineCapabilities: ...
+
+    @abstractmethod
+    def decode(self, batch: DecodeBatch) -> DecodeResult:
+        """Decode a batch; raises EngineInputError for batches outside `capabilities`."""
+
+    def warmup(self) -> None:
+        """Run every served batch size once (and capture graphs where the backend does)."""
+        caps = self.capabilities
+        sizes = caps.batch_sizes or (1,)
+        for size in sizes:
+            latents = torch.zeros(size, caps.latent_channels, 1, 1)
+            if caps.image_sizes:
+                h, w = caps.image_sizes[0]
+                latents = torch.zeros(
+                    size, caps.latent_channels, h // caps.output_scale, w // caps.output_scale
+                )
+            tokens = caps.text_tokens[0] if caps.text_tokens else 0
+            text = torch.zeros(size, tokens, caps.text_dim) if tokens else None
+            seeds = torch.zeros(size, dtype=torch.int64)
+            self.decode(DecodeBatch(latents, torch.zeros(size), seeds, text, max(caps.steps)))
+
+    def close(self) -> None:  # noqa: B027 — optional hook; most backends hold nothing to release
+        """Release device memory and sessions."""
+
+
+# ---- shared helpers for backends ----------------------------------------------------------------
+def seeded_noises(
+    seeds: torch.Tensor, shape: tuple[int, ...], steps: int, device: torch.device
+) -> list[torch.Tensor]:
+    """`steps` noise tensors of `shape` [B, ...]: sample i's draws come, in order, from a generator
+    seeded with seeds[i] on `device` — so a sample's pixels do not depend on its batch-mates."""
+    per_sample = []
+    for seed in seeds.tolist():
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+        per_sample.append(
+            [
+                torch.randn((1, *shape[1:]), generator=generator, device=device, dtype=torch.float32)
+                for _ in range(steps)
+            ]
+        )
+    return [torch.cat([draws[k] for draws in per_sample]) for k in range(steps)]
+
+
+class StageTimer:
+    """Wall-clock (CPU) or CUDA-event (GPU) durations of named stages, read once at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object, object]] = []
+        self._start = time.perf_counter()
+
+    def _now(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        begin = self._now()
+        yield
+        self._marks.append((name, begin, self._now()))
+
+    def result(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for name, begin, end in self._marks:
+            seconds = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin  # type: ignore[attr-defined,operator]
+            out[name] = out.get(name, 0.0) + seconds
+        out["total"] = time.perf_counter() - self._start
+        return out

@@ -1,0 +1,238 @@
+"""ONNX export of PiD as two graphs per output size: `condition.onnx` and `step.onnx`.
+
+A decode runs `condition` once (adapter trunk + heads, text projection) and `step` once per
+sampler step; the sampler arithmetic between steps stays outside the graphs (in torch), so
+every backend shares one implementation of it (`pidserve.model.sampler.student_steps`).
+
+Graph contract (names are what ONNX Runtime and TensorRT bind; B is dynamic, all else static):
+  condition.onnx
+    inputs : latent [B, C, h, w] f32, text [B, Lt, text_dim] f32 (only if Lt > 0)
+    outputs: gate_features [G, B, L, D], pixel_feature [B, L, D] (v1.5 only),
+             text_tokens [B, Lt, D] (only if Lt > 0)
+  step.onnx
+    inputs : x_t [B, 3, H, W] f32, t_scaled [B] f32, sigma [B] f32, gate_features,
+             pixel_feature (v1.5), text_tokens (Lt > 0)
+    outputs: velocity [B, 3, H, W] f32
+Position tables (RoPE, pixel sin-cos) depend only on the static sizes and are stored in the
+step graph as constants.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pidserve.model import Conditioning, PiDNet
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One static output size, with the batch sizes and text length an engine serves at it."""
+
+    image_size: tuple[int, int]  # output (H, W) pixels
+    batch_sizes: tuple[int, ...] = (1,)
+    text_tokens: int = 0
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_sizes)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.image_size[0]}x{self.image_size[1]}_t{self.text_tokens}"
+
+    def latent_size(self, output_scale: int) -> tuple[int, int]:
+        return self.image_size[0] // output_scale, self.image_size[1] // output_scale
+
+
+def condition_io_names(net: PiDNet, text_tokens: int) -> tuple[list[str], list[str]]:
+    inputs = ["latent"] + (["text"] if text_tokens else [])
+    outputs = ["gate_features"] + (["pixel_feature"] if net.cfg.pixel_gate else [])
+    return inputs, outputs + (["text_tokens"] if text_tokens else [])
+
+
+def step_io_names(net: PiDNet, text_tokens: int) -> tuple[list[str], list[str]]:
+    inputs = ["x_t", "t_scaled", "sigma", "gate_features"]
+    inputs += ["pixel_feature"] if net.cfg.pixel_gate else []
+    inputs += ["text_tokens"] if text_tokens else []
+    return inputs, ["velocity"]
+
+
+class ConditionGraph(nn.Module):
+    """`PiDNet.condition` as a module of plain tensors (what an exported graph can return)."""
+
+    def __init__(self, net: PiDNet, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.net = net
+        self.image_size = image_size
+
+    def forward(self, latent: torch.Tensor, text: torch.Tensor | None = None):
+        # sigma only enters the gates (in the step graph); condition() just carries it along.
+        sigma = latent.new_zeros(latent.shape[0])
+        cond = self.net.condition(latent, sigma, text, image_size=self.image_size)
+        outputs = [torch.stack(cond.gate_features)]
+        if cond.pixel_feature is not None:
+            outputs.append(cond.pixel_feature)
+        if text is not None:
+            outputs.append(cond.text)
+        return tuple(outputs)
+
+
+class StepGraph(nn.Module):
+    """`PiDNet.velocity` for one static output size and text length, tables held as buffers."""
+
+    def __init__(self, net: PiDNet, image_size: tuple[int, int], text_tokens: int) -> None:
+        super().__init__()
+        self.net = net
+        self.image_size = image_size
+        self.text_tokens = text_tokens
+        grid = (image_size[0] // net.cfg.patch_size, image_size[1] // net.cfg.patch_size)
+        device = net.device
+        joint_cos, joint_sin = net._joint_rope(grid, text_tokens, device)
+        pixel_cos, pixel_sin = net._grid_rope(grid, net.cfg.pixel_head_dim, device)
+        self.register_buffer("joint_cos", joint_cos, persistent=False)
+        self.register_buffer("joint_sin", joint_sin, persistent=False)
+        self.register_buffer("pixel_cos", pixel_cos, persistent=False)
+        self.register_buffer("pixel_sin", pixel_sin, persistent=False)
+        self.register_buffer("pixel_positions", net._pixel_positions(*image_size, device), persistent=False)
+
+    def conditioning(
+        self,
+        sigma: torch.Tensor,
+        gate_features: torch.Tensor,
+        pixel_feature: torch.Tensor | None,
+        text_tokens: torch.Tensor | None,
+    ) -> Conditioning:
+        if text_tokens is None:
+            batch = gate_features.shape[1]
+            text_tokens = gate_features.new_zeros(batch, 0, gate_features.shape[-1])
+        return Conditioning(
+            gate_features=list(gate_features.unbind(0)),
+            pixel_feature=pixel_feature,
+            sigma=sigma,
+            text=text_tokens,
+            joint_rope=(self.joint_cos, self.joint_sin),
+            pixel_rope=(self.pixel_cos, self.pixel_sin),
+            pixel_positions=self.pixel_positions,
+            image_size=self.image_size,
+        )
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t_scaled: torch.Tensor,
+        sigma: torch.Tensor,
+        gate_features: torch.Tensor,
+        pixel_feature: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cond = self.conditioning(sigma, gate_features, pixel_feature, text_tokens)
+        return self.net.velocity(x_t, t_scaled, cond).float()
+
+
+def _needs_external_data(module: nn.Module) -> bool:
+    """ONNX protobufs stop at 2 GB: store weights beside the graph for full-size models."""
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return size > 1_500_000_000
+
+
+@dataclass(frozen=True)
+class ExportedGraphs:
+    directory: Path
+    profile: ShapeProfile
+    condition: Path
+    step: Path
+
+
+def example_inputs(
+    net: PiDNet, profile: ShapeProfile, batch: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Named example inputs of the condition and step graphs (random values, right shapes)."""
+    cfg = net.cfg
+    h, w = profile.latent_size(cfg.latent_downsample * cfg.sr_scale)
+    device = net.device
+    cond_inputs = {"latent": torch.randn(batch, cfg.latent_channels, h, w, device=device)}
+    if profile.text_tokens:
+        cond_inputs["text"] = torch.randn(batch, profile.text_tokens, cfg.text_dim, device=device)
+    with torch.no_grad():
+        cond_outputs = ConditionGraph(net, profile.image_size)(**cond_inputs)
+    _, out_names = condition_io_names(net, profile.text_tokens)
+    step_inputs = {
+        "x_t": torch.randn(batch, 3, *profile.image_size, device=device),
+        "t_scaled": torch.full((batch,), 500.0, device=device),
+        "sigma": torch.full((batch,), 0.25, device=device),
+        **dict(zip(out_names, cond_outputs, strict=True)),
+    }
+    return cond_inputs, step_inputs
+
+
+def export_onnx(net: PiDNet, out_dir: str | Path, profile: ShapeProfile) -> ExportedGraphs:
+    """Export condition.onnx and step.onnx for one profile into out_dir (batch axis dynamic)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = net.eval()
+    cond_inputs, step_inputs = example_inputs(net, profile, batch=max(2, profile.max_batch))
+    cond_in, cond_out = condition_io_names(net, profile.text_tokens)
+    step_in, step_out = step_io_names(net, profile.text_tokens)
+    paths = {}
+    for name, module, inputs, in_names, out_names in (
+        ("condition", ConditionGraph(net, profile.image_size), cond_inputs, cond_in, cond_out),
+        ("step", StepGraph(net, profile.image_size, profile.text_tokens), step_inputs, step_in, step_out),
+    ):
+        path = out_dir / f"{name}.onnx"
+        batch = torch.export.Dim("batch", min=1, max=max(64, profile.max_batch))
+        shapes = {n: {1 if n == "gate_features" else 0: batch} for n in in_names}
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                (),
+                kwargs=inputs,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_shapes=shapes,
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+        program.save(str(path), external_data=_needs_external_data(module))
+        paths[name] = path
+        log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    meta = {"profile": asdict(profile), "config": net.cfg.to_dict(), "opset": OPSET}
+    (out_dir / "export.json").write_text(json.dumps(meta, indent=2))
+    return ExportedGraphs(out_dir, profile, paths["condition"], paths["step"])
+
+
+def verify_export(net: PiDNet, graphs: ExportedGraphs, batch: int = 2) -> float:
+    """Max |velocity difference| between ONNX Runtime (CPU) and PyTorch on random inputs.
+
+    The inputs go through both graphs (condition, then step), exactly as a decode uses them.
+    """
+    import onnxruntime as ort
+
+    cond_inputs, step_inputs = example_inputs(net, graphs.profile, batch)
+    providers = ["CPUExecutionProvider"]
+    condition = ort.InferenceSession(str(graphs.condition), providers=providers)
+    step = ort.InferenceSession(str(graphs.step), providers=providers)
+    features = condition.run(None, {k: v.cpu().numpy() for k, v in cond_inputs.items()})
+    names = [o.name for o in condition.get_outputs()]
+    feeds = {k: v.cpu().numpy() for k, v in step_inputs.items()}
+    feeds.update(dict(zip(names, features, strict=True)))
+    ours = step.run(None, feeds)[0]
+    with torch.no_grad():
+        reference = net(
+            step_inputs["x_t"],
+            step_inputs["t_scaled"],
+            cond_inputs["latent"],
+            step_inputs["sigma"],
+            cond_inputs.get("text"),
+        )
+    return float(abs(torch.from_numpy(ours) - reference.float().cpu()).max())

@@ -1,0 +1,91 @@
+"""Open an engine by backend name — the one place the CLI and the server choose a backend.
+
+The backend is always explicit: nothing here falls back to another backend when one fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from pidserve.model import PiDNet
+
+from .base import Engine, EngineConfigError
+from .export import ShapeProfile
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+DEFAULT_CACHE = Path.home() / ".cache" / "pidserve"
+
+
+def open_engine(
+    backend: str,
+    *,
+    net: PiDNet | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    max_batch: int = 8,
+    engine_dir: str | Path | None = None,
+    profile: ShapeProfile | None = None,
+    cache_dir: str | Path | None = None,
+) -> Engine:
+    """Open `backend`.
+
+    torch, torch-compile: run `net` on `device` in `precision`.
+    onnxruntime: run `engine_dir` (an ONNX export); or export `net` for `profile` into a cache
+        directory keyed by the weights and the profile, then run it.
+    tensorrt: run the built engine directory `engine_dir` (`pidserve build`).
+    """
+    if backend not in BACKENDS:
+        raise EngineConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in ("torch", "torch-compile"):
+        if net is None:
+            raise EngineConfigError(f"the {backend} backend needs a model (a checkpoint)")
+        from .torch_engine import TorchCompileEngine, TorchEngine
+
+        cls = TorchEngine if backend == "torch" else TorchCompileEngine
+        return cls(net, device=device, precision=precision, max_batch=max_batch)
+    if backend == "onnxruntime":
+        if device != "cpu" or precision != "fp32":
+            raise EngineConfigError(
+                "the onnxruntime backend runs on the CPU in fp32 (--device cpu --precision fp32)"
+            )
+        from .onnxruntime_engine import OnnxRuntimeEngine
+
+        if engine_dir is None:
+            if net is None or profile is None:
+                raise EngineConfigError(
+                    "the onnxruntime backend needs an export directory, or a model and a size"
+                )
+            engine_dir = exported_for(net, profile, cache_dir)
+        return OnnxRuntimeEngine(engine_dir)
+    if engine_dir is None:
+        raise EngineConfigError("the tensorrt backend needs an engine directory built by `pidserve build`")
+    from .tensorrt_engine import TensorRTEngine
+
+    return TensorRTEngine(engine_dir)
+
+
+def weights_digest(net: PiDNet) -> str:
+    """A short hash of a network's config and weights (identifies cached exports)."""
+    digest = hashlib.sha256(net.cfg.to_json().encode())
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def exported_for(net: PiDNet, profile: ShapeProfile, cache_dir: str | Path | None = None) -> Path:
+    """The ONNX export of `net` for `profile`, exporting it into the cache on first use."""
+    from .export import export_onnx
+
+    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE / "onnx"
+    target = root / weights_digest(net) / f"{profile.tag}_b{profile.max_batch}"
+    if (target / "export.json").is_file():
+        log.info("using cached ONNX export %s", target)
+        return target
+    log.info("exporting ONNX for %s into %s (once per model and size)", profile.tag, target)
+    export_onnx(net, target, profile)
+    return target

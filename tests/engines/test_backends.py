@@ -1,0 +1,176 @@
+"""Backends against each other: the same seed and inputs give the same image on every backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pidserve.engines import (
+    DecodeBatch,
+    EngineConfigError,
+    EngineInputError,
+    ShapeProfile,
+    open_engine,
+)
+from pidserve.engines.base import seeded_noises
+from pidserve.engines.export import export_onnx, verify_export
+from pidserve.model import PiDConfig, PiDNet, load_checkpoint, sample, to_uint8_hwc
+from tests.conftest import OFFICIAL
+
+
+def _net(name: str) -> PiDNet:
+    return load_checkpoint(OFFICIAL / name / "weights.safetensors", PiDConfig.preset(name))
+
+
+def _batch(
+    cfg: PiDConfig, size: int = 2, text_tokens: int = 0, image_hw: tuple[int, int] = (64, 64)
+) -> DecodeBatch:
+    g = torch.Generator().manual_seed(42)
+    scale = cfg.latent_downsample * cfg.sr_scale
+    latents = torch.randn(size, cfg.latent_channels, image_hw[0] // scale, image_hw[1] // scale, generator=g)
+    text = torch.randn(size, text_tokens, cfg.text_dim, generator=g) if text_tokens else None
+    sigmas = torch.linspace(0, 0.6, size)
+    return DecodeBatch(latents, sigmas, torch.arange(size, dtype=torch.int64) + 100, text, steps=4)
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Within 1 uint8 level on more than 99.9% of the values (and never more than 2 levels)."""
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+    diff = (a.int() - b.int()).abs()
+    assert (diff <= 1).float().mean().item() > 0.999
+    assert diff.max().item() <= 2
+
+
+@pytest.fixture(scope="module")
+def tiny_v15() -> PiDNet:
+    return _net("tiny_v1.5")
+
+
+def test_torch_engine_equals_the_model_sampler(tiny_v15: PiDNet) -> None:
+    engine = open_engine("torch", net=tiny_v15)
+    batch = _batch(tiny_v15.cfg, text_tokens=3)
+    result = engine.decode(batch)
+    assert result.images.shape == (2, 64, 64, 3) and result.images.dtype == torch.uint8
+    assert {"h2d", "noise", "condition", "steps", "postprocess", "d2h", "total"} <= set(result.timings)
+    noises = seeded_noises(batch.seeds, (2, 3, 64, 64), 4, torch.device("cpu"))
+    with torch.no_grad():
+        expected = to_uint8_hwc(sample(tiny_v15, batch.latents, batch.sigmas, batch.text, noises=noises))
+    assert torch.equal(result.images, expected)
+
+
+def test_a_sample_decodes_the_same_alone_or_in_a_batch(tiny_v15: PiDNet) -> None:
+    engine = open_engine("torch", net=tiny_v15)
+    batch = _batch(tiny_v15.cfg, size=3)
+    together = engine.decode(batch).images
+    alone = engine.decode(DecodeBatch(batch.latents[1:2], batch.sigmas[1:2], batch.seeds[1:2])).images
+    # Same noise (per-sample seeds); only float rounding of batched matmuls may differ (BLAS blocks
+    # by batch size), so pixels agree to 1 level — bit-exact only for identical batch composition.
+    _agree(together[1:2], alone)
+    assert torch.equal(
+        alone, engine.decode(DecodeBatch(batch.latents[1:2], batch.sigmas[1:2], batch.seeds[1:2])).images
+    )
+    other_seed = engine.decode(
+        DecodeBatch(batch.latents[1:2], batch.sigmas[1:2], batch.seeds[1:2] + 1)
+    ).images
+    assert not torch.equal(alone, other_seed)
+
+
+def test_capabilities_reject_what_the_engine_cannot_decode(tiny_v15: PiDNet) -> None:
+    engine = open_engine("torch", net=tiny_v15, max_batch=2)
+    cfg = tiny_v15.cfg
+    good = _batch(cfg)
+    cases = [
+        (
+            DecodeBatch(torch.randn(1, 16, 2, 2), torch.zeros(1), torch.zeros(1, dtype=torch.int64)),
+            "128, h, w",
+        ),
+        (_batch(cfg, size=3), r"batch size 3 is outside 1\.\.2"),
+        (DecodeBatch(good.latents, good.sigmas, good.seeds, steps=5), "steps=5 is not supported"),
+        (DecodeBatch(good.latents, torch.zeros(3), good.seeds), r"sigmas and seeds must have shape \[2\]"),
+        (DecodeBatch(good.latents, good.sigmas, good.seeds, text=torch.randn(2, 32)), "text must be"),
+    ]
+    for batch, message in cases:
+        with pytest.raises(EngineInputError, match=message):
+            engine.decode(batch)
+    assert engine.decode(good).images.shape[0] == 2  # the engine still works afterwards
+
+
+def test_backend_and_precision_choices_are_explicit(tiny_v15: PiDNet) -> None:
+    with pytest.raises(EngineConfigError, match="unknown backend 'tensorflow'"):
+        open_engine("tensorflow", net=tiny_v15)
+    with pytest.raises(EngineConfigError, match="fp32 or bf16, not 'fp8'"):
+        open_engine("torch", net=tiny_v15, precision="fp8")
+    with pytest.raises(EngineConfigError, match="engine directory built by `pidserve build`"):
+        open_engine("tensorrt")
+    with pytest.raises(EngineConfigError, match="runs on the CPU in fp32"):
+        open_engine("onnxruntime", net=tiny_v15, device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineConfigError, match="CUDA is not available"):
+            open_engine("torch", net=tiny_v15, device="cuda")
+
+
+def test_bf16_torch_engine_stays_close_to_fp32() -> None:
+    net = _net("tiny_v1")
+    batch = _batch(net.cfg)
+    fp32 = open_engine("torch", net=net).decode(batch).images
+    bf16 = open_engine("torch", net=_net("tiny_v1"), precision="bf16").decode(batch).images
+    assert (fp32.int() - bf16.int()).abs().float().mean() < 4.0
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_v15: PiDNet, tmp_path_factory: pytest.TempPathFactory):
+    profile = ShapeProfile(image_size=(64, 64), batch_sizes=(1, 2), text_tokens=3)
+    return export_onnx(tiny_v15, tmp_path_factory.mktemp("onnx"), profile)
+
+
+def test_onnx_export_matches_pytorch(tiny_v15: PiDNet, onnx_export) -> None:
+    assert verify_export(tiny_v15, onnx_export, batch=2) < 1e-4
+    assert verify_export(tiny_v15, onnx_export, batch=1) < 1e-4  # the batch axis is dynamic
+
+
+def test_onnxruntime_engine_matches_torch(tiny_v15: PiDNet, onnx_export) -> None:
+    batch = _batch(tiny_v15.cfg, text_tokens=3)
+    ort_images = open_engine("onnxruntime", engine_dir=onnx_export.directory).decode(batch).images
+    _agree(ort_images, open_engine("torch", net=tiny_v15).decode(batch).images)
+
+
+def test_onnxruntime_engine_only_serves_its_profile(onnx_export) -> None:
+    engine = open_engine("onnxruntime", engine_dir=onnx_export.directory)
+    caps = engine.capabilities
+    assert caps.image_sizes == ((64, 64),) and caps.text_tokens == (3,) and caps.max_batch == 2
+    with pytest.raises(
+        EngineInputError, match="output size 128x128 is not built into this engine; built: 64x64"
+    ):
+        engine.decode(_batch(PiDConfig.preset("tiny_v1.5"), size=1, text_tokens=3, image_hw=(128, 128)))
+    with pytest.raises(EngineInputError, match="0 text tokens given; this engine was built for"):
+        engine.decode(
+            DecodeBatch(torch.randn(1, 128, 1, 1), torch.zeros(1), torch.zeros(1, dtype=torch.int64))
+        )
+
+
+def test_onnxruntime_engine_needs_an_export(tmp_path: Path) -> None:
+    with pytest.raises(EngineConfigError, match="not an ONNX export"):
+        open_engine("onnxruntime", engine_dir=tmp_path)
+
+
+def test_torch_compile_matches_eager_on_cpu() -> None:
+    net = _net("tiny_v1")
+    batch = _batch(net.cfg)
+    eager = open_engine("torch", net=net).decode(batch).images
+    compiled = open_engine("torch-compile", net=_net("tiny_v1")).decode(batch).images
+    _agree(compiled, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_compile_cuda_graph_replays_match_eager_on_gpu() -> None:
+    net = _net("tiny_v1")
+    batch = _batch(net.cfg)
+    eager = open_engine("torch", net=net, device="cuda").decode(batch).images
+    engine = open_engine("torch-compile", net=_net("tiny_v1"), device="cuda")
+    first = engine.decode(batch).images  # captures
+    again = engine.decode(batch).images  # replays
+    assert torch.equal(first, again)
+    _agree(first, eager)
