@@ -30,6 +30,9 @@ from torch import nn
 from pidserve.model import Conditioning, PiDNet
 
 log = logging.getLogger(__name__)
+# The exporter's optimiser logs every pass at INFO; keep a user's console for what matters.
+for _noisy in ("onnxscript", "onnx_ir"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 OPSET = 18
 

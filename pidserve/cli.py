@@ -288,6 +288,137 @@ def export(
         typer.echo(f"onnxruntime vs PyTorch: max |velocity difference| = {error:.2e}")
 
 
+@app.command()
+def build(
+    checkpoint: Annotated[Path, typer.Option(help="Model checkpoint (ours, or official with --variant).")],
+    gpu_class: Annotated[str, typer.Option(help="rtx5090 | gb200 | h100: the GPU this runs on.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Engine directory to write.")],
+    precision: Annotated[str, typer.Option(help="bf16 or fp8 (compute capability >= 8.9).")] = "bf16",
+    size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "2048x2048",
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch (default: the class's).")] = None,
+    text_tokens: Annotated[int, typer.Option(help="Text tokens of the served requests (0: none).")] = 0,
+    variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
+    calibration_latents: Annotated[
+        Path | None, typer.Option(help="fp8: safetensors of calibration latents (see docs/engines.md).")
+    ] = None,
+    random_calibration: Annotated[
+        bool, typer.Option(help="fp8: calibrate on random latents (worse quality; explicit opt-in).")
+    ] = False,
+    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache file.")] = None,
+) -> None:
+    """Build TensorRT engines (condition.plan, step.plan, manifest.json) for one GPU class.
+
+    Runs on the target GPU with TensorRT installed; checks both before exporting anything.
+    """
+    from pidserve.engines import EngineConfigError, ShapeProfile
+    from pidserve.engines.export import export_onnx
+    from pidserve.engines.gpu_classes import batch_ladder, check_precision, get_gpu_class
+    from pidserve.engines.tensorrt_build import build_engines, require_tensorrt
+
+    try:
+        target = get_gpu_class(gpu_class)
+        check_precision(precision, target.compute_capability, f"the {target.name} class")
+        require_tensorrt()  # fail before a long export, not after
+    except EngineConfigError as exc:
+        raise _fail(str(exc)) from None
+    net = _load_model(str(checkpoint), variant)
+    profile = ShapeProfile(
+        _parse_size(size), batch_ladder(max_batch or target.default_max_batch), text_tokens
+    )
+    onnx_dir = output / "onnx"
+    try:
+        if precision == "fp8":
+            from pidserve.engines.quantize import quantize_fp8_and_export
+
+            graphs = quantize_fp8_and_export(
+                net, profile, onnx_dir, calibration=calibration_latents, random_calibration=random_calibration
+            )
+        else:
+            graphs = export_onnx(net.to("cuda"), onnx_dir, profile)
+        manifest = build_engines(
+            graphs,
+            output,
+            target,
+            precision,
+            checkpoint=checkpoint,
+            variant=variant,
+            timing_cache=timing_cache,
+        )
+    except EngineConfigError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"wrote {output} ({manifest.precision}, {profile.tag}, batch sizes {list(profile.batch_sizes)})"
+    )
+
+
+bench_app = typer.Typer(help="Benchmarks: ms per image, side by side in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("engine")
+def bench_engine(
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Model checkpoint (else --preset, random weights).")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset with random weights, e.g. 2k_flux.")] = None,
+    variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends.")] = "torch,onnxruntime",
+    size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "256x256",
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16 (torch backends).")] = "fp32",
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 4,
+    warmup: Annotated[int, typer.Option(help="Untimed decodes first.")] = 2,
+    repeat: Annotated[int, typer.Option(help="Timed decodes.")] = 10,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+) -> None:
+    """Time backends on one model, side by side; prints a Markdown table."""
+    import sys
+
+    import torch
+
+    from pidserve.bench.engine import markdown_table, random_batch, time_engine, write_json
+    from pidserve.engines import EngineConfigError, ShapeProfile, open_engine
+    from pidserve.model import PiDConfig, PiDNet
+
+    if (checkpoint is None) == (preset is None):
+        raise _fail("give either --checkpoint or --preset")
+    if checkpoint is not None:
+        net = _load_model(checkpoint, variant)
+    else:
+        if preset not in PRESETS_NAMES():
+            raise _fail(f"unknown preset {preset!r}")
+        torch.manual_seed(0)
+        net = PiDNet(PiDConfig.preset(preset)).eval()
+    image_size = _parse_size(size)
+    rows = []
+    for batch_size in (int(b) for b in batches.split(",")):
+        batch = random_batch(net.cfg, batch_size, image_size, steps)
+        for backend in backends.split(","):
+            try:
+                engine = open_engine(
+                    backend,
+                    net=net,
+                    device=device if backend != "onnxruntime" else "cpu",
+                    precision=precision if backend != "onnxruntime" else "fp32",
+                    max_batch=batch_size,
+                    profile=ShapeProfile(image_size, (batch_size,)),
+                )
+            except EngineConfigError as exc:
+                raise _fail(str(exc)) from None
+            typer.echo(f"timing {backend} batch {batch_size} ...", err=True)
+            rows.append(time_engine(engine, net.cfg, batch, warmup=warmup, repeat=repeat))
+    typer.echo(markdown_table(rows))
+    if json_out is not None:
+        write_json(json_out, rows, "pidserve " + " ".join(sys.argv[1:]))
+
+
+def PRESETS_NAMES() -> list[str]:
+    from pidserve.model.config import PRESETS
+
+    return list(PRESETS)
+
+
 def _print_report(report: dict[str, object]) -> None:
     for key in ("preset", "file", "format", "variants", "stored_dtypes"):
         if key in report:

@@ -145,3 +145,14 @@ def test_decode_reports_bad_inputs(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "plain .npy" in refused.output
     default = runner.invoke(app, ["decode", str(_latent_file(tmp_path)), "--checkpoint", "default"])
     assert default.exit_code == 2 and "not shipped yet" in default.output
+
+
+def test_build_checks_the_gpu_class_precision_and_tensorrt_first(tmp_path: Path) -> None:
+    checkpoint = str(_our_checkpoint(tmp_path))
+    base = ["build", "--checkpoint", checkpoint, "-o", str(tmp_path / "engines")]
+    unknown = runner.invoke(app, [*base, "--gpu-class", "a100"])
+    assert unknown.exit_code == 2 and "unknown GPU class 'a100'" in unknown.output
+    # Without TensorRT (this machine has only its type stubs) the build stops before exporting.
+    no_trt = runner.invoke(app, [*base, "--gpu-class", "h100", "--precision", "bf16"])
+    assert no_trt.exit_code == 2 and "TensorRT is not installed" in no_trt.output
+    assert not (tmp_path / "engines").exists()

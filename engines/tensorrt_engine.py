@@ -1,0 +1,514 @@
+"""TensorRTEngine: decode with the two TensorRT plans of an engine directory, replayed as CUDA graphs.
+
+    engine_dir (manifest.json, condition.plan, step.plan)
+        manifest checked against this GPU and TensorRT  -> EngineConfigError with the rebuild command
+        plans deserialized; one execution context per graph and served batch size
+        static device buffers, shared by every batch size (views of one flat buffer per tensor)
+
+One decode of n samples, served at the smallest built batch size B >= n (rows n..B-1 are padding
+whose results are dropped):
+
+    H2D: latents, sigmas (and text) -> the static input buffers          one copy each
+    noise: per-sample seeded draws (base.seeded_noises) -> the static noise buffer
+    graph replay (captured once per (B, steps) at warmup):
+        condition plan: latent (+ text) -> gate_features, pixel_feature, text_tokens
+        model.sampler.student_steps, whose velocity function copies x_t and t_scaled into the
+            step plan's input buffers and runs the step plan (the sampler arithmetic is the one
+            every backend shares)
+        kernels.postprocess -> the static uint8 [B, H, W, 3] buffer
+    D2H: the first n images -> pinned host memory                       one copy
+
+The decode logic (`StaticDecoder`) runs any pair of `GraphRunner`s on any device, so the tests
+drive it on the CPU with the exported torch graphs; only `TensorRTGraph` touches TensorRT.
+Not run yet: needs an NVIDIA GPU with TensorRT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from pidserve.kernels import postprocess
+from pidserve.model import PiDConfig, PiDNet
+from pidserve.model.sampler import MAX_STUDENT_STEPS, student_steps, student_timesteps
+
+from .base import (
+    DecodeBatch,
+    DecodeResult,
+    Engine,
+    EngineCapabilities,
+    EngineConfigError,
+    EngineInputError,
+    StageTimer,
+    seeded_noises,
+)
+from .export import ShapeProfile, condition_io_names, step_io_names
+from .gpu_classes import check_precision, current_gpu
+from .manifest import EngineManifest, check_compatible, read_manifest
+from .tensorrt_build import require_tensorrt, tensorrt_logger
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+log = logging.getLogger(__name__)
+
+BACKEND = "tensorrt"
+
+# TensorRT DataType names -> torch dtypes of the buffers bound to them.
+TORCH_DTYPES_BY_TRT_NAME = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT8": torch.int8,
+    "UINT8": torch.uint8,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+# ---- pure helpers ---------------------------------------------------------------------------------
+def padded_batch_size(n: int, batch_sizes: Sequence[int]) -> int:
+    """The built batch size that serves a batch of n: the smallest one >= n."""
+    fits = [size for size in batch_sizes if size >= n]
+    if n < 1 or not fits:
+        raise EngineInputError(f"batch size {n} is outside 1..{max(batch_sizes)} for this engine")
+    return min(fits)
+
+
+def single_profile(manifest: EngineManifest) -> ShapeProfile:
+    """The one ShapeProfile of an engine directory (pidserve build writes one per directory)."""
+    profiles = manifest.shape_profiles()
+    if len(profiles) != 1:
+        raise EngineConfigError(
+            f"engine directory holds {len(profiles)} shape profiles; the TensorRT backend serves exactly one"
+        )
+    return profiles[0]
+
+
+def expected_io_names(cfg: PiDConfig, text_tokens: int) -> dict[str, tuple[list[str], list[str]]]:
+    """{"condition": (inputs, outputs), "step": (inputs, outputs)} of the export contract (export.py)."""
+    with torch.device("meta"):  # the io names only read the config; a meta net allocates nothing
+        net = PiDNet(cfg)
+    return {"condition": condition_io_names(net, text_tokens), "step": step_io_names(net, text_tokens)}
+
+
+def io_shapes(cfg: PiDConfig, profile: ShapeProfile, batch: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of every graph input and output at one batch size (the export.py contract).
+
+    latent [B, C, h, w], text [B, Lt, text_dim], gate_features [G, B, L, D],
+    pixel_feature [B, L, D] (v1.5), text_tokens [B, Lt, D], x_t and velocity [B, 3, H, W],
+    t_scaled and sigma [B]; L = (H / patch) * (W / patch) patch tokens.
+    """
+    height, width = profile.image_size
+    patches = (height // cfg.patch_size) * (width // cfg.patch_size)
+    latent_h, latent_w = profile.latent_size(cfg.latent_downsample * cfg.sr_scale)
+    lt = profile.text_tokens
+    shapes: dict[str, tuple[int, ...]] = {
+        "latent": (batch, cfg.latent_channels, latent_h, latent_w),
+        "gate_features": (cfg.num_gates, batch, patches, cfg.hidden_size),
+        "x_t": (batch, cfg.in_channels, height, width),
+        "t_scaled": (batch,),
+        "sigma": (batch,),
+        "velocity": (batch, cfg.in_channels, height, width),
+    }
+    if cfg.pixel_gate:
+        shapes["pixel_feature"] = (batch, patches, cfg.hidden_size)
+    if lt:
+        shapes["text"] = (batch, lt, cfg.text_dim)
+        shapes["text_tokens"] = (batch, lt, cfg.hidden_size)
+    return shapes
+
+
+def decoder_shapes(cfg: PiDConfig, profile: ShapeProfile, batch: int) -> dict[str, tuple[int, ...]]:
+    """io_shapes plus the decoder's own buffers: noise [4, B, 3, H, W] and images uint8 [B, H, W, 3]."""
+    height, width = profile.image_size
+    shapes = io_shapes(cfg, profile, batch)
+    shapes["noise"] = (MAX_STUDENT_STEPS, batch, cfg.in_channels, height, width)
+    shapes["images"] = (batch, height, width, cfg.in_channels)
+    return shapes
+
+
+def static_views(
+    flat: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Contiguous views of the first numel(shape) elements of each flat buffer.
+
+    Every batch size gets contiguous tensors (what TensorRT binds) that share the memory of the
+    largest one: only one decode runs at a time, so no two batch sizes need their own copy.
+    """
+    views = {}
+    for name, shape in shapes.items():
+        buffer = flat[name]
+        numel = math.prod(shape)
+        if numel > buffer.numel():
+            raise ValueError(f"buffer {name!r} holds {buffer.numel()} elements, {list(shape)} needs {numel}")
+        views[name] = buffer[:numel].view(shape)
+    return views
+
+
+def capabilities_from_manifest(manifest: EngineManifest, device: torch.device | str) -> EngineCapabilities:
+    """What an engine directory decodes: one output size and text length, its batch sizes, 1-4 steps."""
+    cfg = manifest.pid_config()
+    profile = single_profile(manifest)
+    height, width = profile.image_size
+    return EngineCapabilities(
+        backend=BACKEND,
+        device=str(device),
+        precision=manifest.precision,
+        latent_channels=cfg.latent_channels,
+        latent_space=cfg.latent_space,
+        text_dim=cfg.text_dim,
+        output_scale=cfg.latent_downsample * cfg.sr_scale,
+        max_batch=profile.max_batch,
+        # Built sizes; any n up to max_batch is accepted and padded to the next one.
+        batch_sizes=tuple(profile.batch_sizes),
+        image_sizes=((height, width),),
+        steps=tuple(range(1, MAX_STUDENT_STEPS + 1)),
+        text_tokens=(profile.text_tokens,),
+    )
+
+
+def torch_dtype_for(trt_type_name: str) -> torch.dtype:
+    """The torch dtype of a buffer for a TensorRT DataType (by name: "FLOAT", "BF16", ...)."""
+    if trt_type_name not in TORCH_DTYPES_BY_TRT_NAME:
+        raise EngineConfigError(f"TensorRT tensor type {trt_type_name} has no torch buffer type here")
+    return TORCH_DTYPES_BY_TRT_NAME[trt_type_name]
+
+
+def check_io_names(
+    graph: str, inputs: Sequence[str], outputs: Sequence[str], expected: tuple[list[str], list[str]]
+) -> None:
+    """A plan's tensors must be exactly the export contract's (else it is from another export)."""
+    want_in, want_out = expected
+    if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
+        raise EngineConfigError(
+            f"{graph} plan has inputs {sorted(inputs)} and outputs {sorted(outputs)}; this model's "
+            f"export contract has inputs {sorted(want_in)} and outputs {sorted(want_out)}. "
+            "Rebuild the engine directory."
+        )
+
+
+def shared_dtypes(condition: GraphRunner, step: GraphRunner) -> dict[str, torch.dtype]:
+    """dtype of every graph tensor; a condition output that feeds the step must agree on both sides."""
+    dtypes = {name: condition.dtype(name) for name in (*condition.input_names, *condition.output_names)}
+    for name in (*step.input_names, *step.output_names):
+        dtype = step.dtype(name)
+        if name in dtypes and dtypes[name] != dtype:
+            raise EngineConfigError(
+                f"tensor {name!r} is {dtypes[name]} out of the condition plan but {dtype} into the "
+                "step plan; export both graphs from the same network (same dtype) and rebuild"
+            )
+        dtypes[name] = dtype
+    return dtypes
+
+
+# ---- graph runners ------------------------------------------------------------------------------
+class GraphRunner(Protocol):
+    """Runs one exported graph (condition or step) on static buffers, one binding per batch size."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of the buffer bound to tensor `name`."""
+        ...
+
+    def bind(self, batch: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Fix the buffers (by tensor name) that runs at this batch size read and write."""
+        ...
+
+    def run(self, batch: int) -> None:
+        """Enqueue one run at this batch size on the current stream (asynchronous on CUDA)."""
+        ...
+
+
+class TensorRTGraph:
+    """One TensorRT plan as a GraphRunner: an execution context per batch size.
+
+    Each context keeps its input shapes and tensor addresses, so a CUDA graph captured with it
+    stays valid; all contexts share one scratch ("device memory") buffer, which is safe because
+    the decoder runs one plan at a time on one stream. Not run yet: needs an NVIDIA GPU with TensorRT.
+    """
+
+    def __init__(
+        self, name: str, engine: trt.ICudaEngine, device: torch.device, scratch: torch.Tensor
+    ) -> None:
+        import tensorrt as trt
+
+        self.name = name
+        self._engine = engine
+        self._device = device
+        self._scratch = scratch
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self._contexts: dict[int, trt.IExecutionContext] = {}
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch_dtype_for(self._engine.get_tensor_dtype(name).name)
+
+    def bind(self, batch: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        import tensorrt as trt
+
+        # USER_MANAGED: the context uses our scratch buffer instead of allocating its own.
+        context = self._engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise EngineConfigError(f"TensorRT could not create an execution context for {self.name}")
+        context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
+        for name in self.input_names:
+            if not context.set_input_shape(name, tuple(tensors[name].shape)):
+                raise EngineConfigError(
+                    f"{self.name}: TensorRT refused shape {list(tensors[name].shape)} for {name!r} "
+                    "(outside the engine's optimization profile?)"
+                )
+        for name in (*self.input_names, *self.output_names):
+            if not context.set_tensor_address(name, tensors[name].data_ptr()):
+                raise EngineConfigError(f"{self.name}: TensorRT refused the address of {name!r}")
+        for name in self.output_names:
+            dims = context.get_tensor_shape(name)
+            shape = tuple(dims[i] for i in range(len(dims)))
+            if shape != tuple(tensors[name].shape):
+                raise EngineConfigError(
+                    f"{self.name}: output {name!r} has shape {list(shape)} at batch {batch}, "
+                    f"the buffer {list(tensors[name].shape)}"
+                )
+        self._contexts[batch] = context
+
+    def run(self, batch: int) -> None:
+        stream = torch.cuda.current_stream(self._device).cuda_stream
+        if not self._contexts[batch].execute_async_v3(stream):
+            raise RuntimeError(f"TensorRT failed to enqueue {self.name} at batch {batch}")
+
+    def close(self) -> None:
+        self._contexts.clear()
+
+
+# ---- the decode on static buffers ---------------------------------------------------------------
+class StaticDecoder:
+    """The whole decode on preallocated buffers, for any condition/step GraphRunner pair.
+
+    On CUDA (with cuda_graphs=True) each (batch size, steps) decode is captured once as a CUDA
+    graph and replayed; elsewhere it runs eagerly with the same code.
+    """
+
+    def __init__(
+        self,
+        cfg: PiDConfig,
+        profile: ShapeProfile,
+        condition: GraphRunner,
+        step: GraphRunner,
+        device: torch.device,
+        cuda_graphs: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.profile = profile
+        self.device = device
+        self.batch_sizes = tuple(sorted(profile.batch_sizes))
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self._condition = condition
+        self._step = step
+        dtypes = shared_dtypes(condition, step)
+        dtypes["noise"] = torch.float32
+        dtypes["images"] = torch.uint8
+        largest = decoder_shapes(cfg, profile, max(self.batch_sizes))
+        missing = sorted(set(dtypes) - set(largest))
+        if missing:
+            raise EngineConfigError(f"graph tensors {missing} are not part of the export contract")
+        # zeros, not empty: padding rows are computed too, and should hold finite numbers.
+        self._flat = {
+            name: torch.zeros(math.prod(shape), dtype=dtypes[name], device=device)
+            for name, shape in largest.items()
+        }
+        self._views = {b: static_views(self._flat, decoder_shapes(cfg, profile, b)) for b in self.batch_sizes}
+        for b, views in self._views.items():
+            condition.bind(b, views)
+            step.bind(b, views)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # One memory pool for every captured graph: replays never overlap (one stream), and no
+        # graph output lives in the pool (outputs land in the static buffers above).
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        total = sum(t.numel() * t.element_size() for t in self._flat.values())
+        log.info("static buffers: %.1f MB for batch sizes %s", total / 1e6, list(self.batch_sizes))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.profile.image_size
+
+    def decode(self, batch: DecodeBatch) -> DecodeResult:
+        """Decode a batch already checked against the engine's capabilities."""
+        n = batch.size
+        size = padded_batch_size(n, self.batch_sizes)
+        views = self._views[size]
+        height, width = self.image_size
+        timer = StageTimer(self.device)
+        with torch.no_grad():
+            with timer.stage("h2d"):
+                views["latent"][:n].copy_(batch.latents, non_blocking=True)
+                views["sigma"][:n].copy_(batch.sigmas, non_blocking=True)
+                if batch.text is not None and "text" in views:
+                    views["text"][:n].copy_(batch.text, non_blocking=True)
+            with timer.stage("noise"):
+                shape = (n, self.cfg.in_channels, height, width)
+                for k, draw in enumerate(seeded_noises(batch.seeds, shape, batch.steps, self.device)):
+                    views["noise"][k, :n].copy_(draw)
+            with timer.stage("decode"):
+                self._run(size, batch.steps)
+            with timer.stage("d2h"):
+                pinned = self.device.type == "cuda"
+                images = torch.empty(
+                    (n, height, width, self.cfg.in_channels), dtype=torch.uint8, pin_memory=pinned
+                )
+                images.copy_(views["images"][:n], non_blocking=pinned)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the pinned copy must land before returning
+        return DecodeResult(images=images, timings=timer.result())
+
+    def warmup(self, steps: int = MAX_STUDENT_STEPS) -> None:
+        """Run (and on CUDA capture) the decode of every batch size once, on the current buffers."""
+        with torch.no_grad():
+            for size in self.batch_sizes:
+                self._run(size, steps)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _run(self, size: int, steps: int) -> None:
+        if not self.cuda_graphs:
+            self._decode_on_device(size, steps)
+            return
+        graph = self._graphs.get((size, steps)) or self._capture(size, steps)
+        graph.replay()
+
+    def _decode_on_device(self, size: int, steps: int) -> None:
+        """condition -> student steps -> post-process, reading and writing only the static buffers."""
+        views = self._views[size]
+        self._condition.run(size)
+        draws = iter(range(steps))
+
+        def draw() -> torch.Tensor:
+            return views["noise"][next(draws)]
+
+        def velocity(x_t: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
+            views["x_t"].copy_(x_t)
+            views["t_scaled"].copy_(t_scaled)
+            self._step.run(size)
+            # The sampler reads v before the next step overwrites this buffer.
+            return views["velocity"]
+
+        x0 = student_steps(velocity, draw, student_timesteps(steps))
+        postprocess(x0, out=views["images"])
+
+    def _capture(self, size: int, steps: int) -> torch.cuda.CUDAGraph:
+        log.info("capturing the %d-step decode at batch %d as a CUDA graph", steps, size)
+        # Warm up on a side stream first: Triton compiles the post-process, TensorRT finishes its
+        # lazy per-context setup, and the allocator settles -- none of which may happen in capture.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._decode_on_device(size, steps)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_on_device(size, steps)
+        self._graphs[(size, steps)] = graph
+        return graph
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._views.clear()
+        self._flat.clear()
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+class TensorRTEngine(Engine):
+    """Decode with a `pidserve build` engine directory on an NVIDIA GPU.
+
+    The manifest is checked first (GPU compute capability, TensorRT version), then both plans are
+    deserialized, buffers allocated and contexts bound; `warmup()` captures one CUDA graph per
+    batch size. Not run yet: needs an NVIDIA GPU with TensorRT.
+    """
+
+    backend = BACKEND
+
+    def __init__(
+        self, engine_dir: str | Path, device: str | torch.device = "cuda", cuda_graphs: bool = True
+    ) -> None:
+        self.engine_dir = Path(engine_dir)
+        self.manifest = read_manifest(self.engine_dir)
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise EngineConfigError(f"the tensorrt backend runs on a CUDA device, not {self.device}")
+        if self.device.index is None:
+            self.device = torch.device(
+                "cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0
+            )
+        gpu_name, capability = current_gpu(self.device)
+        trt_version = require_tensorrt()
+        check_compatible(self.manifest, gpu_name, capability, trt_version, engine_dir=self.engine_dir)
+        check_precision(self.manifest.precision, capability, gpu_name)
+        self._caps = capabilities_from_manifest(self.manifest, self.device)
+        cfg = self.manifest.pid_config()
+        profile = single_profile(self.manifest)
+
+        import tensorrt as trt
+
+        torch.cuda.set_device(self.device)
+        self._runtime = trt.Runtime(tensorrt_logger())
+        self._engines = {graph: self._load_plan(graph) for graph in ("condition", "step")}
+        scratch_bytes = max(engine.device_memory_size_v2 for engine in self._engines.values())
+        self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=self.device)
+        runners = {
+            graph: TensorRTGraph(graph, engine, self.device, self._scratch)
+            for graph, engine in self._engines.items()
+        }
+        for graph, expected in expected_io_names(cfg, profile.text_tokens).items():
+            check_io_names(graph, runners[graph].input_names, runners[graph].output_names, expected)
+        self._runners = runners
+        self._decoder = StaticDecoder(
+            cfg, profile, runners["condition"], runners["step"], self.device, cuda_graphs
+        )
+        log.info(
+            "engine: backend=tensorrt dir=%s %s %s batch %s, TensorRT %s, scratch %.0f MB",
+            self.engine_dir,
+            self.manifest.precision,
+            profile.tag,
+            list(profile.batch_sizes),
+            trt_version,
+            scratch_bytes / 1e6,
+        )
+
+    def _load_plan(self, graph: str) -> trt.ICudaEngine:
+        path = self.engine_dir / self.manifest.files[graph]
+        if not path.is_file():
+            raise EngineConfigError(f"{path} is missing from the engine directory; rebuild it")
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise EngineConfigError(
+                f"TensorRT could not deserialize {path}; see the 'tensorrt' log, and rebuild"
+            )
+        return engine
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return self._caps
+
+    def decode(self, batch: DecodeBatch) -> DecodeResult:
+        self._caps.check(batch)
+        return self._decoder.decode(batch)
+
+    def warmup(self) -> None:
+        """Capture the 4-step decode of every built batch size (other step counts on first use)."""
+        self._decoder.warmup(MAX_STUDENT_STEPS)
+
+    def close(self) -> None:
+        self._decoder.close()
+        for runner in self._runners.values():
+            runner.close()
+        self._engines.clear()
+        self._scratch = torch.empty(0, dtype=torch.uint8)  # drop the scratch memory; close() may repeat
+        torch.cuda.empty_cache()
