@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -178,6 +180,55 @@ def example_inputs(
     return cond_inputs, step_inputs
 
 
+# Where the batch axis of each graph input is (all others: axis 0).
+BATCH_AXES = {"gate_features": 1}
+
+
+def batch_axis(input_name: str) -> int:
+    return BATCH_AXES.get(input_name, 0)
+
+
+def export_graph(
+    module: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    path: Path,
+    translation_table: dict[Any, Callable[..., Any]] | None = None,
+    max_batch: int = 1,
+    *,
+    opset: int = OPSET,
+    external_data: bool | None = None,
+) -> Path:
+    """torch.export one module to ONNX with a dynamic batch axis (the one exporter call we make).
+
+    translation_table: custom op -> ONNX translations (the FP8 export maps ModelOpt's quantize op).
+    external_data: store weights beside the graph (default: only past ~1.5 GB, the protobuf limit).
+    """
+    batch = torch.export.Dim("batch", min=1, max=max(64, max_batch))
+    shapes = {name: {batch_axis(name): batch} for name in input_names}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs=inputs,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            dynamo=True,
+            custom_translation_table=translation_table,
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError(f"torch.onnx.export returned no program for {path}")
+    program.save(
+        str(path), external_data=_needs_external_data(module) if external_data is None else external_data
+    )
+    log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
 def export_onnx(net: PiDNet, out_dir: str | Path, profile: ShapeProfile) -> ExportedGraphs:
     """Export condition.onnx and step.onnx for one profile into out_dir (batch axis dynamic)."""
     out_dir = Path(out_dir)
@@ -192,23 +243,7 @@ def export_onnx(net: PiDNet, out_dir: str | Path, profile: ShapeProfile) -> Expo
         ("step", StepGraph(net, profile.image_size, profile.text_tokens), step_inputs, step_in, step_out),
     ):
         path = out_dir / f"{name}.onnx"
-        batch = torch.export.Dim("batch", min=1, max=max(64, profile.max_batch))
-        shapes = {n: {1 if n == "gate_features" else 0: batch} for n in in_names}
-        with torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                (),
-                kwargs=inputs,
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_shapes=shapes,
-                opset_version=OPSET,
-                dynamo=True,
-                verbose=False,
-            )
-        program.save(str(path), external_data=_needs_external_data(module))
-        paths[name] = path
-        log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
+        paths[name] = export_graph(module, inputs, in_names, out_names, path, max_batch=profile.max_batch)
     meta = {"profile": asdict(profile), "config": net.cfg.to_dict(), "opset": OPSET}
     (out_dir / "export.json").write_text(json.dumps(meta, indent=2))
     return ExportedGraphs(out_dir, profile, paths["condition"], paths["step"])

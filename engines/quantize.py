@@ -59,8 +59,8 @@ from .export import (
     example_inputs,
     step_io_names,
 )
+from .export import export_graph as export_onnx_graph
 from .gpu_classes import ComputeCapability, check_precision, current_gpu
-from .tensorrt_build import batch_axis
 
 log = logging.getLogger(__name__)
 
@@ -356,28 +356,18 @@ def export_graph(
     translation_table: dict[Any, Callable[..., Any]],
     max_batch: int,
 ) -> Path:
-    """torch.export one graph to ONNX (opset 19) with a dynamic batch axis and custom translations."""
-    batch = torch.export.Dim("batch", min=1, max=max(64, max_batch))
-    shapes = {name: {batch_axis(name): batch} for name in input_names}
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            (),
-            kwargs=inputs,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_shapes=shapes,
-            opset_version=FP8_OPSET,
-            dynamo=True,
-            custom_translation_table=translation_table,
-            verbose=False,
-        )
-    if program is None:
-        raise RuntimeError(f"torch.onnx.export returned no program for {path}")
-    # Weights always go beside the graph: full-size models pass the 2 GB protobuf limit.
-    program.save(str(path), external_data=True)
-    log.info("exported %s", path)
-    return path
+    """FP8 export of one graph: opset 19 (FLOAT8 Q/DQ), weights always beside the graph."""
+    return export_onnx_graph(
+        module,
+        inputs,
+        input_names,
+        output_names,
+        path,
+        translation_table,
+        max_batch,
+        opset=FP8_OPSET,
+        external_data=True,
+    )
 
 
 def export_quantized_graphs(

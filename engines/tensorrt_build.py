@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pidserve.model import PiDConfig
 
 from .base import PRECISIONS, EngineConfigError
-from .export import ExportedGraphs, ShapeProfile
+from .export import ExportedGraphs, ShapeProfile, batch_axis
 from .gpu_classes import (
     ComputeCapability,
     GpuClass,
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 GRAPHS = ("condition", "step")
 # Graph inputs whose batch axis is not 0 (see export.py: gate_features is [G, B, L, D]).
-BATCH_AXES = {"gate_features": 1}
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 4-5 search longer for little gain on transformers
 TENSORRT_INSTALL_HINT = (
     'install it with `pip install "pidserve[tensorrt]"` on a machine with an NVIDIA GPU and driver'
@@ -185,10 +184,6 @@ def onnx_weights_dtype(path: str | Path) -> str:
     if not counts:
         raise EngineBuildError(f"{path} has no floating-point weights")
     return max(counts, key=lambda dtype: counts[dtype])
-
-
-def batch_axis(input_name: str) -> int:
-    return BATCH_AXES.get(input_name, 0)
 
 
 def profile_shapes(
