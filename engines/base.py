@@ -5,7 +5,9 @@
 A decode is latent pre-processing, the adapter trunk once, `steps` network evaluations with
 fresh noise, and the uint8 post-process — all on the engine's device, with one host-to-device
 copy of the inputs and one device-to-host copy of the pixels. Noise comes from each sample's
-own seed, so a request decodes to the same pixels whatever batch it shares (on one backend).
+own seed, so a request's noise does not depend on its batch-mates; its pixels are bit-identical
+for the same batch size on one backend, and may differ by float rounding (about one uint8
+level) across batch sizes, where matmul kernels block the work differently.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -165,6 +167,19 @@ class Engine(ABC):
 
 
 # ---- shared helpers for backends ----------------------------------------------------------------
+def padded_batch_size(n: int, batch_sizes: Sequence[int]) -> int:
+    """The served batch size for a batch of n: the smallest one >= n (the rest is padding)."""
+    fits = [size for size in batch_sizes if size >= n]
+    if n < 1 or not fits:
+        raise EngineInputError(f"batch size {n} is outside 1..{max(batch_sizes)} for this engine")
+    return min(fits)
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """Make `device` current (CUDA): streams, graph capture and enqueues then all target it."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def seeded_noises(
     seeds: torch.Tensor, shape: tuple[int, ...], steps: int, device: torch.device
 ) -> list[torch.Tensor]:

@@ -27,13 +27,16 @@ def open_engine(
     device: str = "cpu",
     precision: str = "fp32",
     max_batch: int = 8,
+    batch_sizes: tuple[int, ...] | None = None,
+    image_sizes: tuple[tuple[int, int], ...] | None = None,
     engine_dir: str | Path | None = None,
     profile: ShapeProfile | None = None,
     cache_dir: str | Path | None = None,
 ) -> Engine:
     """Open `backend`.
 
-    torch, torch-compile: run `net` on `device` in `precision`.
+    torch, torch-compile: run `net` on `device` in `precision`; optionally only the served
+        `batch_sizes` (partial batches padded) and `image_sizes` (needed by torch-compile's warmup).
     onnxruntime: run `engine_dir` (an ONNX export); or export `net` for `profile` into a cache
         directory keyed by the weights and the profile, then run it.
     tensorrt: run the built engine directory `engine_dir` (`pidserve build`).
@@ -46,7 +49,14 @@ def open_engine(
         from .torch_engine import TorchCompileEngine, TorchEngine
 
         cls = TorchEngine if backend == "torch" else TorchCompileEngine
-        return cls(net, device=device, precision=precision, max_batch=max_batch)
+        return cls(
+            net,
+            device=device,
+            precision=precision,
+            max_batch=max_batch,
+            batch_sizes=batch_sizes,
+            image_sizes=image_sizes,
+        )
     if backend == "onnxruntime":
         if device != "cpu" or precision != "fp32":
             raise EngineConfigError(

@@ -88,8 +88,9 @@ def require_tensorrt() -> str:
         raise EngineConfigError(
             f"TensorRT is not installed (only its type stubs, at most); {TENSORRT_INSTALL_HINT}"
         )
-    if int(version.split(".")[0]) < 10:
-        raise EngineConfigError(f"pidserve needs TensorRT >= 10, found {version}; {TENSORRT_INSTALL_HINT}")
+    # 10.1: set_device_memory(ptr, size) and device_memory_size_v2, which the runtime uses.
+    if tuple(int(v) for v in version.split(".")[:2]) < (10, 1):
+        raise EngineConfigError(f"pidserve needs TensorRT >= 10.1, found {version}; {TENSORRT_INSTALL_HINT}")
     return version
 
 

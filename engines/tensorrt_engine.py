@@ -43,8 +43,9 @@ from .base import (
     Engine,
     EngineCapabilities,
     EngineConfigError,
-    EngineInputError,
     StageTimer,
+    on_device,
+    padded_batch_size,
     seeded_noises,
 )
 from .export import ShapeProfile, condition_io_names, step_io_names
@@ -73,14 +74,6 @@ TORCH_DTYPES_BY_TRT_NAME = {
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------
-def padded_batch_size(n: int, batch_sizes: Sequence[int]) -> int:
-    """The built batch size that serves a batch of n: the smallest one >= n."""
-    fits = [size for size in batch_sizes if size >= n]
-    if n < 1 or not fits:
-        raise EngineInputError(f"batch size {n} is outside 1..{max(batch_sizes)} for this engine")
-    return min(fits)
-
-
 def single_profile(manifest: EngineManifest) -> ShapeProfile:
     """The one ShapeProfile of an engine directory (pidserve build writes one per directory)."""
     profiles = manifest.shape_profiles()
@@ -287,6 +280,8 @@ class TensorRTGraph:
 
     def close(self) -> None:
         self._contexts.clear()
+        # Drop our scratch reference too, so that the engine's close() really frees that memory.
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
 
 # ---- the decode on static buffers ---------------------------------------------------------------
@@ -333,6 +328,9 @@ class StaticDecoder:
         # One memory pool for every captured graph: replays never overlap (one stream), and no
         # graph output lives in the pool (outputs land in the static buffers above).
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # An explicit capture stream on our device: torch's default capture stream is created once,
+        # on whichever device was current at the first capture in the process.
+        self._capture_stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
         total = sum(t.numel() * t.element_size() for t in self._flat.values())
         log.info("static buffers: %.1f MB for batch sizes %s", total / 1e6, list(self.batch_sizes))
 
@@ -378,11 +376,12 @@ class StaticDecoder:
             torch.cuda.current_stream(self.device).synchronize()
 
     def _run(self, size: int, steps: int) -> None:
-        if not self.cuda_graphs:
-            self._decode_on_device(size, steps)
-            return
-        graph = self._graphs.get((size, steps)) or self._capture(size, steps)
-        graph.replay()
+        with on_device(self.device):
+            if not self.cuda_graphs:
+                self._decode_on_device(size, steps)
+                return
+            graph = self._graphs.get((size, steps)) or self._capture(size, steps)
+            graph.replay()
 
     def _decode_on_device(self, size: int, steps: int) -> None:
         """condition -> student steps -> post-process, reading and writing only the static buffers."""
@@ -413,7 +412,7 @@ class StaticDecoder:
             self._decode_on_device(size, steps)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
             self._decode_on_device(size, steps)
         self._graphs[(size, steps)] = graph
         return graph
@@ -509,6 +508,7 @@ class TensorRTEngine(Engine):
         self._decoder.close()
         for runner in self._runners.values():
             runner.close()
+        self._runners.clear()
         self._engines.clear()
         self._scratch = torch.empty(0, dtype=torch.uint8)  # drop the scratch memory; close() may repeat
         torch.cuda.empty_cache()

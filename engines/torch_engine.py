@@ -7,7 +7,7 @@ with per-sample seeded noise, fused uint8 post-process, then one device-to-host 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,8 @@ from .base import (
     EngineCapabilities,
     EngineConfigError,
     StageTimer,
+    on_device,
+    padded_batch_size,
     seeded_noises,
 )
 
@@ -79,11 +81,30 @@ class TorchEngine(Engine):
 
     backend = "torch"
 
-    def __init__(self, net: PiDNet, device: str = "cpu", precision: str = "fp32", max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        net: PiDNet,
+        device: str = "cpu",
+        precision: str = "fp32",
+        max_batch: int = 8,
+        batch_sizes: Sequence[int] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        """batch_sizes: serve only these (a batch of n runs padded to the next one); None: any size
+        up to max_batch. image_sizes: serve only these output sizes; None: any multiple of 16."""
         self.device = _check_device_and_precision(self.backend, device, precision)
         self.precision = precision
+        if self.device.type == "cuda" and precision == "fp32":
+            # torch runs fp32 convolutions (and optionally matmuls) in TF32 by default on CUDA;
+            # "fp32" here means IEEE fp32, as on the CPU and in the other backends.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            log.info("fp32 on CUDA: TF32 disabled for matmuls and convolutions (process-wide)")
         self.net = net.to(device=self.device, dtype=TORCH_DTYPES[precision]).eval()
         cfg = net.cfg
+        if batch_sizes is not None:
+            batch_sizes = tuple(sorted(set(batch_sizes)))
+            max_batch = batch_sizes[-1]
         self._caps = EngineCapabilities(
             backend=self.backend,
             device=str(self.device),
@@ -93,6 +114,8 @@ class TorchEngine(Engine):
             text_dim=cfg.text_dim,
             output_scale=cfg.latent_downsample * cfg.sr_scale,
             max_batch=max_batch,
+            batch_sizes=batch_sizes,
+            image_sizes=None if image_sizes is None else tuple(tuple(size) for size in image_sizes),
         )
         log.info("engine: backend=%s device=%s precision=%s", self.backend, self.device, precision)
 
@@ -102,6 +125,9 @@ class TorchEngine(Engine):
 
     def decode(self, batch: DecodeBatch) -> DecodeResult:
         self._caps.check(batch)
+        n = batch.size
+        if self._caps.batch_sizes is not None:
+            batch = _pad(batch, padded_batch_size(n, self._caps.batch_sizes))
         timer = StageTimer(self.device)
         height, width = self._caps.image_size(batch.latents.shape[-2:])
         with torch.inference_mode():
@@ -111,9 +137,10 @@ class TorchEngine(Engine):
                 text = None if batch.text is None else batch.text.to(self.device, non_blocking=True)
             with timer.stage("noise"):
                 noises = seeded_noises(batch.seeds, (batch.size, 3, height, width), batch.steps, self.device)
-            pixels = self._compute(latents, sigmas, noises, text, timer)
+            with on_device(self.device):
+                pixels = self._compute(latents, sigmas, noises, text, timer)
             with timer.stage("d2h"):
-                images = pixels.cpu()
+                images = pixels[:n].cpu()
         return DecodeResult(images=images, timings=timer.result())
 
     def _compute(
@@ -125,6 +152,19 @@ class TorchEngine(Engine):
         timer: StageTimer,
     ) -> torch.Tensor:
         return decode_on_device(self.net, latents, sigmas, noises, text, timer=timer)
+
+
+def _pad(batch: DecodeBatch, size: int) -> DecodeBatch:
+    """The batch padded to `size` rows by repeating its first sample (their pixels are dropped)."""
+    extra = size - batch.size
+    if extra == 0:
+        return batch
+
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
+
+    text = None if batch.text is None else grow(batch.text)
+    return DecodeBatch(grow(batch.latents), grow(batch.sigmas), grow(batch.seeds), text, batch.steps)
 
 
 @dataclass
@@ -143,9 +183,14 @@ class TorchCompileEngine(TorchEngine):
     """torch.compile'd network; on CUDA the whole decode replays as one CUDA graph per shape.
 
     A graph is captured on first use of a (batch, latent size, text length, steps) shape — or
-    ahead of time by `warmup()` — and replayed afterwards: inputs are copied into its static
-    buffers, the graph runs without any host synchronisation, and its uint8 output is copied out.
+    ahead of time by `warmup()` for the served `batch_sizes` x `image_sizes` — and replayed
+    afterwards: inputs are copied into its static buffers, the graph runs without any host
+    synchronisation, and its uint8 output is copied out. All graphs share one memory pool.
     On CPU there is no graph: the compiled network runs step by step.
+
+    Name the served shapes in production: every new shape is a new compilation, and past
+    torch._dynamo's recompile limit (8 by default; raised here to cover the served shapes)
+    Dynamo runs new shapes eagerly, with a warning in the log.
     """
 
     backend = "torch-compile"
@@ -157,12 +202,22 @@ class TorchCompileEngine(TorchEngine):
         precision: str = "fp32",
         max_batch: int = 8,
         compile_mode: str | None = None,
+        batch_sizes: Sequence[int] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
-        super().__init__(net, device, precision, max_batch)
+        super().__init__(net, device, precision, max_batch, batch_sizes, image_sizes)
+        served = len(batch_sizes or ()) * len(image_sizes or ())
+        if served > torch._dynamo.config.recompile_limit:
+            torch._dynamo.config.recompile_limit = served
         # Inductor's own CUDA graphs would fight our capture of the whole decode: keep them off.
         mode = compile_mode or ("max-autotune-no-cudagraphs" if self.device.type == "cuda" else "default")
         self.velocity = torch.compile(self.net.velocity, mode=mode, dynamic=False)
         self._graphs: dict[tuple, _CapturedDecode] = {}
+        if self.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
+            # Our own capture stream on our device (torch's default one is made once per process,
+            # on whichever device was current at the first capture).
+            self._capture_stream = torch.cuda.Stream(self.device)
         log.info("torch.compile mode=%s; CUDA graphs: %s", mode, self.device.type == "cuda")
 
     def _compute(
@@ -206,15 +261,28 @@ class TorchCompileEngine(TorchEngine):
             )
 
         # Warm up on a side stream (compilation, autotuning, allocator pools), then capture.
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
             pixels = run()
         captured = _CapturedDecode(graph, static_latents, static_sigmas, static_noises, static_text, pixels)
         self._graphs[key] = captured
         return captured
+
+    def warmup(self) -> None:
+        """Compile (and on CUDA capture) every served batch size x output size, 4 steps, no text."""
+        caps = self._caps
+        if caps.image_sizes is None:
+            log.warning("torch-compile warmup: no served image sizes given; shapes compile on first use")
+            return
+        for height, width in caps.image_sizes:
+            for size in caps.batch_sizes or (1,):
+                latents = torch.zeros(
+                    size, caps.latent_channels, height // caps.output_scale, width // caps.output_scale
+                )
+                self.decode(DecodeBatch(latents, torch.zeros(size), torch.zeros(size, dtype=torch.int64)))

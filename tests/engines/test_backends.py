@@ -174,3 +174,21 @@ def test_torch_compile_cuda_graph_replays_match_eager_on_gpu() -> None:
     again = engine.decode(batch).images  # replays
     assert torch.equal(first, again)
     _agree(first, eager)
+
+
+def test_served_batch_sizes_pad_partial_batches(tiny_v15: PiDNet) -> None:
+    engine = open_engine("torch", net=tiny_v15, batch_sizes=(1, 2, 4), image_sizes=((64, 64),))
+    caps = engine.capabilities
+    assert caps.batch_sizes == (1, 2, 4) and caps.max_batch == 4
+    batch = _batch(tiny_v15.cfg, size=3)
+    padded = engine.decode(batch).images  # runs at batch 4, returns 3 images
+    assert padded.shape[0] == 3
+    _agree(padded, open_engine("torch", net=tiny_v15).decode(batch).images)
+    with pytest.raises(EngineInputError, match="output size 128x128 is not built into this engine"):
+        engine.decode(_batch(tiny_v15.cfg, size=1, image_hw=(128, 128)))
+
+
+def test_torch_compile_warmup_needs_served_sizes(tiny_v15: PiDNet, caplog: pytest.LogCaptureFixture) -> None:
+    engine = open_engine("torch-compile", net=tiny_v15)
+    engine.warmup()  # nothing to warm without served sizes: it says so instead of guessing a shape
+    assert "no served image sizes" in caplog.text

@@ -74,7 +74,10 @@ def test_tensorrt_version_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     fake.Builder = object  # type: ignore[attr-defined]
     fake.__version__ = "8.6.1"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    with pytest.raises(EngineConfigError, match=r"TensorRT >= 10, found 8\.6\.1"):
+    with pytest.raises(EngineConfigError, match=r"TensorRT >= 10\.1, found 8\.6\.1"):
+        tb.require_tensorrt()
+    fake.__version__ = "10.0.1.6"  # type: ignore[attr-defined]
+    with pytest.raises(EngineConfigError, match=r"TensorRT >= 10\.1, found 10\.0\.1\.6"):
         tb.require_tensorrt()
     fake.__version__ = "10.13.0.35"  # type: ignore[attr-defined]
     assert tb.require_tensorrt() == "10.13.0.35"
