@@ -294,8 +294,24 @@ class ScaleShift:
         return z / self.scale + self.shift
 
 
+class _MeanStd:
+    """Shared by the statistics-based normalisations: z = (raw - mean) / std, with `_stats` giving
+    mean and std broadcastable to the latent."""
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} must define _stats")
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(raw)
+        return (raw - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(z)
+        return z * std + mean
+
+
 @dataclass(frozen=True)
-class ChannelMeanStd:
+class ChannelMeanStd(_MeanStd):
     """``z[:, c] = (raw[:, c] - mean[c]) / std[c]`` with published constants (one value per channel)."""
 
     mean: tuple[float, ...]
@@ -311,17 +327,9 @@ class ChannelMeanStd:
         std = torch.tensor(self.std, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
         return mean, std
 
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(raw)
-        return (raw - mean) / std
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z)
-        return z * std + mean
-
 
 @dataclass(frozen=True, eq=False)
-class MeanVarStats:
+class MeanVarStats(_MeanStd):
     """``z = (raw - mean) / sqrt(var + eps)`` with statistics that ship with a checkpoint.
 
     Two layouts: per channel (``mean``/``var`` float32 ``[C]``, an eval-mode affine-free BatchNorm, as
@@ -390,14 +398,6 @@ class MeanVarStats:
         mean = self.mean.to(like.device).view(shape)
         std = torch.sqrt(self.var.to(like.device) + self.eps).view(shape)
         return mean, std
-
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(raw)
-        return (raw - mean) / std
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z)
-        return z * std + mean
 
 
 @dataclass(frozen=True)
