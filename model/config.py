@@ -331,6 +331,22 @@ PRESETS: dict[str, PiDConfig] = {
         rope_ref_size=(128, 128),
         latent_space="flux2",
     ),
+    # The embedded default (model/weights/): a real PiD at small width decoding tiny-ae latents 4x
+    # (latent of a 64x64 image -> 256x256). Trained on a 2-core CPU by recipes/pid_tiny_*.toml.
+    "pid-tiny": _tiny(
+        latent_space="tiny-ae",
+        hidden_size=128,
+        num_heads=4,
+        patch_depth=4,
+        pixel_hidden_size=8,
+        pixel_attn_hidden_size=64,
+        pixel_num_heads=2,
+        pixel_depth=1,
+        adapter_hidden=64,
+        adapter_res_blocks=2,
+        rope_ref_size=(256, 256),
+        aux_rgb_head=True,
+    ),
 }
 
 # The checkpoint file of each released variant on the hub repo nvidia/PiD.

@@ -738,6 +738,11 @@ _QWENIMAGE_LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
 
+# tiny-ae (model/autoencoder.py, the embedded default's autoencoder): raw latent mean and std measured
+# on 512 training-photo crops when it was trained (stored in its weights' metadata; a test checks them).
+TINY_AE_SHIFT = 0.0
+TINY_AE_STD = 1.0
+
 _BUILTIN_SPACES = (
     LatentSpace(
         name="flux1",
@@ -821,6 +826,15 @@ _BUILTIN_SPACES = (
         noising="flow",
         normalization=ChannelLayerNorm(eps=1e-6),
         pid_variants=("2k_scale_rae",),
+    ),
+    LatentSpace(
+        name="tiny-ae",
+        description="pidserve's embedded tiny autoencoder: 16 channels at 1/8, z = (raw - mean) / std",
+        channels=16,
+        downsample=8,
+        noising="flow",
+        normalization=ScaleShift(scale=1.0 / TINY_AE_STD, shift=TINY_AE_SHIFT),
+        pid_variants=("pid-tiny",),
     ),
 )
 

@@ -301,19 +301,7 @@ class PiDNet(nn.Module):
         if (height, width) != cond.image_size:
             raise ValueError(f"x_t is {height}x{width} but the conditioning was built for {cond.image_size}")
         x_t = x_t.to(self.dtype)
-        t_scaled = torch.as_tensor(t_scaled, dtype=torch.float32, device=x_t.device).reshape(-1).expand(batch)
-
-        s = self.patch_embedder(to_patches(x_t, cfg.patch_size))
-        t_emb = self.time_embedder(t_scaled)[:, None]
-        c = F.silu(t_emb)
-        y = cond.text
-        last = len(self.patch_blocks) - 1
-        for i, block in enumerate(self.patch_blocks):
-            if i % cfg.gate_interval == 0:
-                s = self.gates[i // cfg.gate_interval](
-                    s, cond.gate_features[i // cfg.gate_interval], cond.sigma
-                )
-            s, y = block(s, y, c, cond.joint_rope, text_out=i < last)
+        s, t_emb = self._patch_stream(x_t, t_scaled, cond, len(self.patch_blocks))
         s = F.silu(t_emb + s)
         if self.pixel_gate is not None:
             s = self.pixel_gate(s, cond.pixel_feature, cond.sigma)
@@ -325,6 +313,34 @@ class PiDNet(nn.Module):
             pixels = block(pixels, s_cond, batch, cond.pixel_rope)
         out = self.final_layer(pixels).unflatten(0, (batch, -1))
         return from_patch_pixels(out, height, width, cfg.patch_size)
+
+    def patch_tokens(
+        self, x_t: torch.Tensor, t_scaled: torch.Tensor, cond: Conditioning, depth: int
+    ) -> torch.Tensor:
+        """Image tokens [B, L, hidden] after the first `depth` patch blocks (features for a GAN head)."""
+        if not 1 <= depth <= len(self.patch_blocks):
+            raise ValueError(f"depth must be in 1..{len(self.patch_blocks)}, got {depth}")
+        return self._patch_stream(x_t.to(self.dtype), t_scaled, cond, depth)[0]
+
+    def _patch_stream(
+        self, x_t: torch.Tensor, t_scaled: torch.Tensor, cond: Conditioning, depth: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens after `depth` blocks, and the time embedding [B, 1, D]."""
+        cfg = self.cfg
+        batch = x_t.shape[0]
+        t_scaled = torch.as_tensor(t_scaled, dtype=torch.float32, device=x_t.device).reshape(-1).expand(batch)
+        s = self.patch_embedder(to_patches(x_t, cfg.patch_size))
+        t_emb = self.time_embedder(t_scaled)[:, None]
+        c = F.silu(t_emb)
+        y = cond.text
+        last = len(self.patch_blocks) - 1
+        for i, block in enumerate(self.patch_blocks[:depth]):
+            if i % cfg.gate_interval == 0:
+                s = self.gates[i // cfg.gate_interval](
+                    s, cond.gate_features[i // cfg.gate_interval], cond.sigma
+                )
+            s, y = block(s, y, c, cond.joint_rope, text_out=i < last)
+        return s, t_emb
 
     def forward(
         self,

@@ -156,14 +156,48 @@ def _load_model(checkpoint: str, variant: str | None):
     from pidserve.model import CheckpointError, PiDConfig, load_checkpoint
 
     if checkpoint == "default":
-        raise _fail(
-            "the embedded default model (pid-tiny) is not shipped yet; pass --checkpoint FILE "
-            "(see README, 'Status')"
-        )
+        from pidserve.model.default import load_default_decoder
+
+        try:
+            return load_default_decoder()
+        except FileNotFoundError as exc:
+            raise _fail(str(exc)) from None
     try:
         return load_checkpoint(checkpoint, PiDConfig.preset(variant) if variant else None)
     except (CheckpointError, KeyError) as exc:
         raise _fail(str(exc).strip('"')) from None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _encode_image_file(path: Path, checkpoint: str, net):
+    """An image file -> its tiny-ae latent [1, 16, H/8, W/8] (the embedded default's latent space)."""
+    import numpy as np
+    from PIL import Image
+
+    from pidserve.model.default import encode_image, load_default_autoencoder
+
+    if net.cfg.latent_space != "tiny-ae":
+        raise _fail(
+            f"images can only be encoded for models of the 'tiny-ae' latent space (--checkpoint default); "
+            f"{checkpoint} decodes '{net.cfg.latent_space}' latents: encode the image with that VAE and pass "
+            "the latent file"
+        )
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise _fail(f"could not read {path} as an image: {exc}") from None
+    height, width = (pixels.shape[0] // 8) * 8, (pixels.shape[1] // 8) * 8
+    if height == 0 or width == 0:
+        raise _fail(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}; images need at least 8x8 pixels")
+    if (height, width) != pixels.shape[:2]:
+        typer.echo(
+            f"cropping {path.name} from {pixels.shape[1]}x{pixels.shape[0]} to {width}x{height} "
+            "(tiny-ae needs multiples of 8)"
+        )
+    return encode_image(load_default_autoencoder(), np.ascontiguousarray(pixels[:height, :width]))
 
 
 def _read_latent(path: Path):
@@ -197,9 +231,16 @@ def _read_latent(path: Path):
 @app.command()
 def decode(
     latent_file: Annotated[
-        Path, typer.Argument(help="Latent .safetensors (tensor 'latent') or .npy [B,C,h,w].")
+        Path,
+        typer.Argument(
+            help="Latent .safetensors (tensor 'latent') or .npy [B,C,h,w]; or an image (PNG/JPEG/WebP), "
+            "encoded with tiny-ae for --checkpoint default.",
+            metavar="IMAGE_OR_LATENT",
+        ),
     ],
-    checkpoint: Annotated[str, typer.Option(help="Model checkpoint (ours, or official with --variant).")],
+    checkpoint: Annotated[
+        str, typer.Option(help="'default' (the embedded pid-tiny), ours, or official with --variant.")
+    ] = "default",
     output: Annotated[
         Path, typer.Option("--output", "-o", help="PNG path (a batch adds _0, _1, ...).")
     ] = Path("decoded.png"),
@@ -214,7 +255,7 @@ def decode(
     ] = None,
     steps: Annotated[int, typer.Option(help="Student steps, 1-4.")] = 4,
 ) -> None:
-    """Decode a latent file to PNG on a chosen backend (compare backends with the same --seed)."""
+    """Decode a latent file (or an image, via tiny-ae) to PNG; same backend and --seed, same pixels."""
     import torch
     from PIL import Image
 
@@ -222,8 +263,13 @@ def decode(
     from pidserve.model import LatentError, get_latent_space
     from pidserve.model.latents import validate_sigma
 
-    latent, file_sigma = _read_latent(latent_file)
     net = _load_model(checkpoint, variant)
+    if latent_file.suffix.lower() in IMAGE_SUFFIXES:
+        if not latent_file.is_file():
+            raise _fail(f"{latent_file} does not exist")
+        latent, file_sigma = _encode_image_file(latent_file, checkpoint, net), None
+    else:
+        latent, file_sigma = _read_latent(latent_file)
     batch_size = latent.shape[0]
     try:
         get_latent_space(net.cfg.latent_space).validate(latent)
@@ -413,6 +459,41 @@ def bench_engine(
         write_json(json_out, rows, "pidserve " + " ".join(sys.argv[1:]))
 
 
+@bench_app.command("quality")
+def bench_quality(
+    photos: Annotated[Path, typer.Option(help="Held-out photo folder.")] = Path("data/photos/holdout"),
+    student: Annotated[
+        str, typer.Option(help="Student checkpoint ('default': the embedded pid-tiny).")
+    ] = "default",
+    teacher: Annotated[Path | None, typer.Option(help="Teacher checkpoint (many-step Euler).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for metrics.json, table.md, grid.png.")
+    ] = Path("bench/out/quality"),
+    crops_per_photo: Annotated[int, typer.Option(help="Crops per held-out photo.")] = 6,
+    teacher_steps: Annotated[int, typer.Option(help="Euler steps of the teacher.")] = 32,
+) -> None:
+    """PSNR, SSIM, colour error, high-frequency fidelity: student vs teacher vs cascade (tiny-ae)."""
+    from pidserve.bench.decoder_quality import QualitySetup, evaluate_decoders, markdown_table, write_report
+    from pidserve.model import load_checkpoint
+    from pidserve.model.default import load_default_autoencoder
+
+    net = _load_model(student, None)
+    if net.cfg.latent_space != "tiny-ae":
+        raise _fail(
+            f"bench quality needs a model of the 'tiny-ae' latent space; {student} decodes "
+            f"'{net.cfg.latent_space}'"
+        )
+    teacher_net = load_checkpoint(teacher) if teacher else None
+    setup = QualitySetup(photos, crops_per_photo=crops_per_photo, teacher_steps=teacher_steps)
+    try:
+        result = evaluate_decoders(setup, net, teacher_net, load_default_autoencoder())
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    grid = write_report(result, out)
+    typer.echo(markdown_table(result["metrics"]))
+    typer.echo(f"{result['crops']} crops; wrote {out / 'metrics.json'}, {out / 'table.md'}, {grid}")
+
+
 def PRESETS_NAMES() -> list[str]:
     from pidserve.model.config import PRESETS
 
@@ -433,6 +514,81 @@ def _print_report(report: dict[str, object]) -> None:
     typer.echo(f"FLOPs of one {decode['steps']}-step decode at {decode['size']} (batch 1)")  # type: ignore[index]
     for key, value in decode["flops"].items():  # type: ignore[index]
         typer.echo(f"  {key:22s} {value / 1e12:12.3f} TFLOP")
+
+
+# ---- data and training -------------------------------------------------------------------------
+data_app = typer.Typer(help="Training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("photos")
+def data_photos(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder to write train/, holdout/, manifest.json.")
+    ] = Path("data/photos"),
+    deb: Annotated[
+        Path | None, typer.Option(help="mate-backgrounds_*.deb already downloaded (else apt-get download).")
+    ] = None,
+) -> None:
+    """Rebuild pid-tiny's photo set from Debian's mate-backgrounds and scikit-image's sample photos."""
+    from pidserve.training.photos import build_photo_set
+
+    try:
+        records = build_photo_set(out, deb)
+    except (RuntimeError, OSError, ImportError) as e:
+        raise _fail(str(e)) from None
+    held = sum(r.split == "holdout" for r in records)
+    typer.echo(f"wrote {len(records)} photos ({held} held out) and manifest.json to {out}")
+
+
+train_app = typer.Typer(
+    help="Train tiny-ae, a PiD teacher, or distill a 4-step student (single process or torchrun).",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+
+_ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML recipe (see recipes/).")]
+_SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set steps=100.")]
+
+
+def _train(kind: str, config: Path | None, overrides: list[str] | None) -> None:
+    from pidserve.training import config as tc
+
+    classes = {
+        "autoencoder": tc.AutoencoderTrainConfig,
+        "teacher": tc.TeacherTrainConfig,
+        "distill": tc.DistillTrainConfig,
+    }
+    try:
+        cfg = tc.load_config(classes[kind], config, overrides)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    if kind == "autoencoder":
+        from pidserve.training.autoencoder import train_autoencoder as run
+    elif kind == "teacher":
+        from pidserve.training.teacher import train_teacher as run
+    else:
+        from pidserve.training.distill import train_distill as run
+    out = run(cfg)
+    typer.echo(f"wrote {out}")
+
+
+@train_app.command("autoencoder")
+def train_autoencoder_cmd(config: _ConfigOpt = None, set_: _SetOpt = None) -> None:
+    """Train tiny-ae on the low-res versions of photo crops."""
+    _train("autoencoder", config, set_)
+
+
+@train_app.command("teacher")
+def train_teacher_cmd(config: _ConfigOpt = None, set_: _SetOpt = None) -> None:
+    """Train a PiD teacher with flow matching (velocity targets)."""
+    _train("teacher", config, set_)
+
+
+@train_app.command("distill")
+def train_distill_cmd(config: _ConfigOpt = None, set_: _SetOpt = None) -> None:
+    """Distill a teacher into a 4-step student with DMD2."""
+    _train("distill", config, set_)
 
 
 if __name__ == "__main__":

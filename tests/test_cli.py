@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from pidserve.cli import app
@@ -143,8 +144,10 @@ def test_decode_reports_bad_inputs(tmp_path: Path) -> None:
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     refused = runner.invoke(app, ["decode", str(pickled), "--checkpoint", checkpoint])
     assert refused.exit_code == 2 and "plain .npy" in refused.output
-    default = runner.invoke(app, ["decode", str(_latent_file(tmp_path)), "--checkpoint", "default"])
-    assert default.exit_code == 2 and "not shipped yet" in default.output
+    image_for_flux = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16)).save(image_for_flux)
+    no_encoder = runner.invoke(app, ["decode", str(image_for_flux), "--checkpoint", checkpoint])
+    assert no_encoder.exit_code == 2 and "encode the image with that VAE" in no_encoder.output
 
 
 def test_build_checks_the_gpu_class_precision_and_tensorrt_first(tmp_path: Path) -> None:

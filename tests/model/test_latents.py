@@ -46,7 +46,9 @@ def _dinov2_with_stats() -> LatentSpace:
 
 
 def test_builtin_spaces_are_registered_in_order():
-    assert list_latent_spaces() == ["flux1", "sd3", "sdxl", "flux2", "qwenimage", "dinov2-rae", "siglip2-rae"]
+    assert list_latent_spaces() == [
+        "flux1", "sd3", "sdxl", "flux2", "qwenimage", "dinov2-rae", "siglip2-rae", "tiny-ae"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,7 @@ def test_builtin_spaces_are_registered_in_order():
         ("qwenimage", 16, 8, "flow", ("2kto4k_v1pt5_qwenimage",)),
         ("dinov2-rae", 768, 16, "flow", ("2k_rae",)),
         ("siglip2-rae", 1152, 16, "flow", ("2k_scale_rae",)),
+        ("tiny-ae", 16, 8, "flow", ("pid-tiny",)),
     ],
 )
 def test_space_table(name, channels, downsample, noising, variants):
@@ -84,7 +87,7 @@ def test_unknown_name_lists_known_spaces():
 def test_register_new_space_and_reject_duplicates(monkeypatch):
     monkeypatch.setattr(latents, "_REGISTRY", dict(latents._REGISTRY))  # keep the global registry clean
     tiny = LatentSpace(
-        name="tiny-ae",
+        name="my-test-ae",
         description="test space",
         channels=16,
         downsample=8,
@@ -92,8 +95,8 @@ def test_register_new_space_and_reject_duplicates(monkeypatch):
         normalization=ScaleShift(scale=2.0, shift=0.5),
     )
     register_latent_space(tiny)
-    assert get_latent_space("tiny-ae") is tiny
-    assert "tiny-ae" in list_latent_spaces()
+    assert get_latent_space("my-test-ae") is tiny
+    assert "my-test-ae" in list_latent_spaces()
     with pytest.raises(LatentError, match="already registered"):
         register_latent_space(tiny)
 

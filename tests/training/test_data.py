@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pidserve.training.data import CropSpec, LatentNoise, PhotoCrops, StepSampler, degrade, sample_seed
+
+
+def test_crops_have_the_right_shapes_ranges_and_are_deterministic(photo_dir):
+    ds = PhotoCrops(photo_dir, CropSpec(size=32, scale=4, short_side=64), seed=3)
+    a, b, other = ds[17], ds[17], ds[18]
+    assert a["hr"].shape == (3, 32, 32) and a["lr"].shape == (3, 8, 8)
+    assert a["hr"].dtype == torch.float32
+    assert float(a["hr"].min()) >= -1 and float(a["hr"].max()) <= 1
+    assert float(a["lr"].min()) >= -1 and float(a["lr"].max()) <= 1
+    assert torch.equal(a["hr"], b["hr"]) and int(a["seed"]) == int(b["seed"])
+    assert not torch.equal(a["hr"], other["hr"])
+
+
+def test_degradation_is_antialiased_bicubic_and_keeps_flat_colour():
+    flat = torch.full((1, 3, 32, 32), 0.25)
+    assert torch.allclose(degrade(flat, 4), torch.full((1, 3, 8, 8), 0.25), atol=1e-6)
+    # A 1-pixel checkerboard is above the low-res Nyquist limit: antialiasing removes it.
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]).remainder(2).float().mul(2).sub(1)
+    low = degrade(checker.expand(1, 3, 32, 32).contiguous(), 4)
+    assert float(low.abs().max()) < 0.05
+
+
+def test_crop_cycle_gives_one_size_per_step(photo_dir):
+    spec = CropSpec(size=32, scale=4, short_side=64, cycle=(16, 32), step_samples=4)
+    ds = PhotoCrops(photo_dir, spec)
+    assert [ds[i]["hr"].shape[-1] for i in range(0, 16, 2)] == [16, 16, 32, 32, 16, 16, 32, 32]
+
+
+def test_two_ranks_split_the_global_batch_of_one_process():
+    one = iter(StepSampler(global_batch=6, start_step=2))
+    r0 = iter(StepSampler(global_batch=6, start_step=2, rank=0, world_size=2))
+    r1 = iter(StepSampler(global_batch=6, start_step=2, rank=1, world_size=2))
+    single = [next(one) for _ in range(12)]
+    assert single == list(range(12, 24))
+    assert [next(r0) for _ in range(3)] + [next(r1) for _ in range(3)] == single[:6]
+    with pytest.raises(ValueError, match="not divisible"):
+        StepSampler(global_batch=5, world_size=2)
+
+
+def test_latent_noise_matches_the_official_recipe():
+    noise = LatentNoise(prob=0.75, max_sigma=0.8, latent_dropout=0.1)
+    seeds = torch.tensor([sample_seed(0, i) for i in range(4000)])
+    draws = noise.draw(seeds, (2, 1, 1))
+    sigma = draws["sigma"]
+    assert 0.70 < float((sigma > 0).float().mean()) < 0.80
+    assert float(sigma.max()) <= 0.8 and float(sigma.min()) == 0.0
+    assert 0.07 < float((~draws["keep"]).float().mean()) < 0.13
+    again = noise.draw(seeds[:5], (2, 1, 1))
+    assert torch.equal(again["eps"], draws["eps"][:5])
+
+
+def test_missing_folder_and_small_photos_are_clear_errors(tmp_path, photo_dir):
+    with pytest.raises(FileNotFoundError, match="pidserve data photos"):
+        PhotoCrops(tmp_path / "nope", CropSpec(32, 4, 64))
+    with pytest.raises(ValueError, match="not a multiple"):
+        CropSpec(30, 4, 64)

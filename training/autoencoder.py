@@ -1,0 +1,106 @@
+"""Train tiny-ae: the small autoencoder whose latents pid-tiny decodes.
+
+It learns the low-resolution images PiD's latents come from: high-res crop -> official
+degradation (antialiased bicubic /scale) -> encode -> decode, loss L1 + FFT-magnitude L1 +
+a small L2 on the latent (keeps its scale bounded). When training ends, the latent's
+mean and std over fresh training crops are measured and stored in the file's metadata:
+they are the "tiny-ae" latent space's shift and scale (model/latents.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pidserve.model.autoencoder import AutoencoderConfig, TinyAutoencoder, save_autoencoder
+
+from .config import AutoencoderTrainConfig, config_dict
+from .data import CropSpec, PhotoCrops, make_loader
+from .distributed import all_mean, init_distributed, shutdown, wrap_model
+from .ema import EMA
+from .loop import Progress, check_finite, save_grid, set_lr, warmup_lr
+from .state import latest_checkpoint, load_training_state, save_training_state
+
+log = logging.getLogger(__name__)
+
+
+def autoencoder_loss(ae: torch.nn.Module, image: torch.Tensor, cfg: AutoencoderTrainConfig) -> tuple:
+    latent = ae.encoder(image)
+    recon = ae.decoder(latent)
+    l1 = (recon - image).abs().mean()
+    fft = (
+        torch.fft.rfft2(recon.float(), norm="ortho").abs()
+        - torch.fft.rfft2(image.float(), norm="ortho").abs()
+    )
+    fft_l1 = fft.abs().mean()
+    reg = latent.float().pow(2).mean()
+    loss = l1 + cfg.fft_weight * fft_l1 + cfg.latent_l2 * reg
+    metrics = {"l1": l1.item(), "fft": fft_l1.item(), "latent_rms": reg.sqrt().item()}
+    return loss, metrics, recon
+
+
+def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
+    """Train (or resume) in cfg.run_dir; returns the path of the final weights file."""
+    info = init_distributed(cfg.device)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    ae = TinyAutoencoder(AutoencoderConfig(cfg.latent_channels, tuple(cfg.widths))).to(info.device)
+    ema = EMA(ae, cfg.ema, cfg.ema_sigma_rel, cfg.ema_beta)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    if (ckpt := latest_checkpoint(run_dir)) is not None:
+        step = load_training_state(ckpt, {"ae": ae}, {"ae": opt}, {"ae": ema})["step"]
+        log.info("resumed from %s (step %d)", ckpt, step)
+    model = wrap_model(ae, info, cfg.strategy)
+
+    spec = CropSpec(cfg.crop, cfg.sr_scale, cfg.short_side, caption_dropout=0.0)
+    dataset = PhotoCrops(cfg.data, spec, cfg.seed)
+    batches = make_loader(dataset, cfg.batch, step, info.rank, info.world_size, cfg.workers)
+    progress = Progress(run_dir, step, cfg.steps, cfg.batch, info.is_main)
+    while step < cfg.steps:
+        batch = next(batches)
+        image = batch["lr"].to(info.device)
+        step += 1
+        set_lr(opt, warmup_lr(step, cfg.lr, cfg.warmup))
+        loss, metrics, recon = autoencoder_loss(model, image, cfg)
+        check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(ae, step)
+        metrics["loss"] = float(all_mean(loss, info))
+        progress.update(step, metrics, log=step % cfg.log_every == 0)
+        if info.is_main and step % cfg.sample_every == 0:
+            save_grid(run_dir / "samples" / f"step_{step:07d}.png", [image[:8], recon[:8].detach()])
+        if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
+            save_training_state(
+                run_dir, step, {"ae": ae}, {"ae": opt}, {"ae": ema}, {"config": config_dict(cfg)}
+            )
+    progress.close()
+
+    final = run_dir / "tiny-ae.safetensors"
+    if info.is_main:
+        ema.copy_to(ae)
+        stats = latent_statistics(ae, dataset, info.device)
+        save_autoencoder(ae, final, {"latent_stats": stats, "train_steps": cfg.steps, "seed": cfg.seed})
+        log.info("wrote %s (latent mean %.4f, std %.4f)", final, stats["mean"], stats["std"])
+    shutdown(info)
+    return final
+
+
+@torch.no_grad()
+def latent_statistics(
+    ae: TinyAutoencoder, dataset: PhotoCrops, device: torch.device, count: int = 512
+) -> dict:
+    """Mean and std of the raw latent over `count` crops not used in training (index range far away)."""
+    ae.eval()
+    values = []
+    for start in range(0, count, 64):
+        images = torch.stack([dataset[2**40 + i]["lr"] for i in range(start, start + 64)]).to(device)
+        values.append(ae.encode(images).float().flatten())
+    z = torch.cat(values)
+    return {"mean": float(z.mean()), "std": float(z.std()), "crops": count}

@@ -1,0 +1,134 @@
+"""Training configurations: dataclasses with defaults, loaded from TOML and `key=value` overrides.
+
+    pidserve train teacher --config recipes/pid_tiny_teacher.toml --set steps=200 --set lr=1e-4
+
+Nested PiD network fields live under [net] (PiDConfig field names) with `preset` naming the
+base preset. Unknown keys are errors, so a typo never trains the wrong model silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+@dataclass
+class CommonConfig:
+    run_dir: str = "runs/unnamed"
+    data: str = "data/photos/train"
+    seed: int = 0
+    steps: int = 1000  # optimizer steps (of the model being trained; the student for distillation)
+    batch: int = 16  # global batch over all processes
+    crop: int = 256  # high-resolution crop side (the decoder's output size)
+    crop_cycle: list[int] = field(default_factory=list)  # e.g. [128, 128, 128, 256]: size per step, cycled
+    short_side: int = 640  # photos are resized once so that their short side is this
+    workers: int = 1  # DataLoader worker processes per training process
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    strategy: str = "ddp"  # ddp | fsdp (multi-process only)
+    log_every: int = 10
+    save_every: int = 200
+    sample_every: int = 200
+    warmup: int = 100
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    ema: str = "power"  # power | plain
+    ema_sigma_rel: float = 0.05
+    ema_beta: float = 0.999
+
+
+@dataclass
+class AutoencoderTrainConfig(CommonConfig):
+    lr: float = 1e-3
+    sr_scale: int = 4  # the autoencoder trains on the low-res images PiD's latents come from
+    latent_l2: float = 1e-4
+    fft_weight: float = 0.1  # L1 on FFT magnitudes: keeps the decoder from blurring
+    widths: list[int] = field(default_factory=lambda: [32, 64, 96, 128])
+    latent_channels: int = 16
+
+
+@dataclass
+class TeacherTrainConfig(CommonConfig):
+    net: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny_v1"})
+    autoencoder: str = ""  # tiny-ae .safetensors (latent space "tiny-ae"); the encoder of the latent space
+    lr: float = 1e-4
+    logit_mean: float = 0.0  # official logit-normal time: t = sigmoid(N(logit_mean, logit_std))
+    logit_std: float = 1.0
+    shift: float = 6.0  # time shift at base_size; scaled with the output side (resolution-dependent)
+    shift_base_size: int = 2048
+    noise_prob: float = 0.75  # official latent noise augmentation
+    noise_max_sigma: float = 0.8
+    latent_dropout: float = 0.1
+    caption_dropout: float = 0.1
+    aux_rgb_weight: float = 0.1  # v1.5 auxiliary low-res RGB loss (needs net.aux_rgb_head)
+    train_adapter_only: bool = False  # freeze the backbone (official v1.5 teacher)
+    init: str = ""  # optional starting weights (.safetensors of ours)
+
+
+@dataclass
+class DistillTrainConfig(CommonConfig):
+    teacher: str = ""  # the teacher's .safetensors (ours); student and fake score start from it
+    autoencoder: str = ""
+    # Learning rates and weights: DMD2's published recipe (Yin et al. 2024) unless overridden.
+    lr: float = 5e-7  # student
+    fake_lr: float = 5e-7  # fake score network and GAN head
+    fake_updates: int = 5  # fake-score / discriminator updates per student update
+    student_mode: str = "teacher_forcing"  # teacher_forcing (official PiD default) | backward_simulation
+    dmd_weight: float = 1.0
+    gan_weight: float = 5e-3  # generator's GAN loss weight
+    gan_fake_weight: float = 1e-2  # discriminator loss weight in the fake-score update
+    r1_weight: float = (
+        100.0  # approximate R1 (Lin et al. 2025, APT): lambda |D(x) - D(x + N(0, r1_sigma^2))|^2
+    )
+    r1_sigma: float = 0.01
+    dmd_t_min: float = 0.02  # diffusion times at which the score difference is measured
+    dmd_t_max: float = 0.98
+    gan_block: int = 0  # number of teacher patch blocks whose output feeds the GAN head (0: half of them)
+    ema_student: bool = True
+    noise_prob: float = 0.75
+    noise_max_sigma: float = 0.8
+    latent_dropout: float = 0.0  # the student always sees its latent
+    caption_dropout: float = 0.1
+
+
+C = TypeVar("C", bound=CommonConfig)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Defaults <- TOML file <- `key=value` overrides (values parsed as JSON, else kept as strings)."""
+    values: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            values.update(tomllib.load(f))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = values
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = value
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.__name__} keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    for name, value in values.items():
+        default = known[name].default
+        if isinstance(default, float) and isinstance(value, int):
+            values[name] = float(value)
+    return cls(**values)
+
+
+def config_dict(cfg: CommonConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,226 @@
+"""Training data: random crops of photos from an image folder, and the official degradation path.
+
+Every sample is a pure function of (seed, index): index is a global sample counter, so
+sample k of a run is the same whatever the number of processes, workers or restarts. That
+is what makes resume exact and a 2-process run equal to a 1-process run with the same
+global batch (see `StepSampler`).
+
+    photo (cached, decoded once) -> random crop size x size -> random h-flip   = hr [3, S, S] in [-1, 1]
+    hr -> antialiased bicubic downsample by `scale`                            = lr [3, S/s, S/s] in [-1, 1]
+
+The latent-space encoding of lr and the latent noise augmentation run in the trainer
+(they need the encoder network); their random draws come from the sample's `seed`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    size: int  # side of the high-resolution crop (the decoder's output size)
+    scale: int  # super-resolution factor: lr side = size / scale
+    short_side: int | None = 640  # photos are resized once so their short side is this (None: keep)
+    flip: bool = True
+    caption_dropout: float = 0.1  # probability the caption is replaced by "" (official: 0.1)
+    # Multi-resolution training: step k uses cycle[k % len(cycle)] (all samples of a step share a
+    # size); empty means always `size`. `step_samples` (the global batch) maps a sample to its step.
+    cycle: tuple[int, ...] = ()
+    step_samples: int = 1
+
+    def __post_init__(self) -> None:
+        for size in (self.size, *self.cycle):
+            if size % self.scale:
+                raise ValueError(f"crop size {size} is not a multiple of the scale factor {self.scale}")
+            if self.short_side is not None and self.short_side < size:
+                raise ValueError(f"short_side {self.short_side} is smaller than the crop size {size}")
+
+    def size_at(self, index: int) -> int:
+        """Crop side of sample `index`."""
+        if not self.cycle:
+            return self.size
+        return self.cycle[(index // self.step_samples) % len(self.cycle)]
+
+
+def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The official degradation: antialiased bicubic downsample by `scale`. [B,3,H,W] -> [B,3,H/s,W/s]."""
+    h, w = hr.shape[-2:]
+    lr = F.interpolate(hr, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
+    return lr.clamp(-1, 1)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a run seeded `seed` (splitmix64 of the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder {folder} does not exist (build it with `pidserve data photos`)"
+        )
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files
+
+
+def load_photo(path: Path, short_side: int | None, min_side: int) -> torch.Tensor:
+    """uint8 [3, H, W] RGB, resized (Lanczos, once) so the short side is `short_side`."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if short_side is not None:
+            factor = short_side / min(im.size)
+            im = im.resize(
+                (max(1, round(im.width * factor)), max(1, round(im.height * factor))), Image.LANCZOS
+            )
+        array = np.asarray(im, dtype=np.uint8).copy()
+    if min(array.shape[:2]) < min_side:
+        raise ValueError(
+            f"{path} is {array.shape[1]}x{array.shape[0]}, smaller than the crop size {min_side}"
+        )
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class PhotoCrops(Dataset):
+    """Map-style dataset over an unbounded sample index: dataset[i] is sample i of the run.
+
+    Photos are decoded once at construction and kept in memory as uint8 (DataLoader workers
+    share them copy-on-write), so workers only crop, flip and downsample.
+    Item: {"hr": float32 [3,S,S] in [-1,1], "lr": float32 [3,S/s,S/s], "seed": int64, "caption": str}.
+    A photo's caption is the text of a sidecar file with the same stem and suffix .txt (else "").
+    """
+
+    def __init__(self, folder: str | Path, spec: CropSpec, seed: int = 0) -> None:
+        self.spec, self.seed = spec, seed
+        self.files = list_images(folder)
+        self.photos = [load_photo(p, spec.short_side, max((spec.size, *spec.cycle))) for p in self.files]
+        self.captions = [_caption(p) for p in self.files]
+        # Pick photos in proportion to their area: every region of the data is equally likely.
+        areas = torch.tensor([p.shape[1] * p.shape[2] for p in self.photos], dtype=torch.float64)
+        self.weights = areas / areas.sum()
+        log.info("loaded %d photos from %s", len(self.photos), folder)
+
+    def __len__(self) -> int:
+        return 2**62  # samples are indexed by a global counter; the sampler decides which ones
+
+    def __getitem__(self, index: int) -> dict:
+        seed = sample_seed(self.seed, int(index))
+        gen = torch.Generator().manual_seed(seed)
+        photo_idx = int(torch.multinomial(self.weights, 1, generator=gen))
+        photo = self.photos[photo_idx]
+        size = self.spec.size_at(int(index))
+        top = int(torch.randint(0, photo.shape[1] - size + 1, (1,), generator=gen))
+        left = int(torch.randint(0, photo.shape[2] - size + 1, (1,), generator=gen))
+        crop = photo[:, top : top + size, left : left + size].float().div(127.5).sub(1.0)
+        if self.spec.flip and bool(torch.rand((), generator=gen) < 0.5):
+            crop = crop.flip(-1)
+        caption = self.captions[photo_idx]
+        if bool(torch.rand((), generator=gen) < self.spec.caption_dropout):
+            caption = ""
+        lr = degrade(crop[None], self.spec.scale)[0]
+        return {"hr": crop, "lr": lr, "seed": torch.tensor(seed, dtype=torch.int64), "caption": caption}
+
+
+def _caption(path: Path) -> str:
+    side = path.with_suffix(".txt")
+    return side.read_text().strip() if side.exists() else ""
+
+
+class StepSampler(Sampler[int]):
+    """Sample indices for steps start_step, start_step + 1, ...: step k of a run with global batch G
+    uses samples [k*G, (k+1)*G); rank r of W processes takes the r-th contiguous slice of G/W."""
+
+    def __init__(self, global_batch: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {world_size} processes")
+        self.global_batch, self.start_step, self.rank, self.world = global_batch, start_step, rank, world_size
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.world
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start_step
+        while True:
+            first = step * self.global_batch + self.rank * self.local_batch
+            yield from range(first, first + self.local_batch)
+            step += 1
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+def make_loader(
+    dataset: PhotoCrops, global_batch: int, start_step: int, rank: int, world_size: int, workers: int
+) -> Iterator[dict]:
+    """An endless iterator of local batches, one per step, starting at `start_step`."""
+    sampler = StepSampler(global_batch, start_step, rank, world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=sampler.local_batch,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    return iter(loader)
+
+
+@dataclass
+class LatentNoise:
+    """The official latent noise augmentation: sigma ~ U[0, max_sigma] with probability `prob`
+    (else 0), applied in the latent space's own noising form; plus latent dropout."""
+
+    prob: float = 0.75
+    max_sigma: float = 0.8
+    latent_dropout: float = 0.1  # official LQ dropout: the latent is zeroed
+
+    def draw(self, seeds: torch.Tensor, latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Per-sample draws from each sample's seed: sigma [B], eps [B, C, h, w], keep [B] (bool)."""
+        sigmas, epss, keeps = [], [], []
+        for seed in seeds.tolist():
+            gen = torch.Generator().manual_seed((seed + 0x5EED) & 0x7FFFFFFFFFFFFFFF)
+            noisy = bool(torch.rand((), generator=gen) < self.prob)
+            sigma = float(torch.rand((), generator=gen)) * self.max_sigma if noisy else 0.0
+            keep = bool(torch.rand((), generator=gen) >= self.latent_dropout)
+            sigmas.append(sigma)
+            keeps.append(keep)
+            epss.append(torch.randn(latent_shape, generator=gen))
+        return {"sigma": torch.tensor(sigmas), "eps": torch.stack(epss), "keep": torch.tensor(keeps)}
+
+
+def per_sample_normal(seeds: torch.Tensor, shape: tuple[int, ...], salt: int) -> torch.Tensor:
+    """One N(0, 1) tensor of `shape` per sample, drawn from that sample's seed (and a salt per use)."""
+    out = []
+    for seed in seeds.tolist():
+        gen = torch.Generator().manual_seed((seed ^ salt) & 0x7FFFFFFFFFFFFFFF)
+        out.append(torch.randn(shape, generator=gen))
+    return torch.stack(out)
+
+
+def per_sample_uniform(seeds: torch.Tensor, salt: int) -> torch.Tensor:
+    """One U[0, 1) float per sample, from that sample's seed and a salt."""
+    out = []
+    for seed in seeds.tolist():
+        gen = torch.Generator().manual_seed((seed ^ salt) & 0x7FFFFFFFFFFFFFFF)
+        out.append(float(torch.rand((), generator=gen)))
+    return torch.tensor(out)

@@ -1,0 +1,304 @@
+"""DMD2 distillation of a PiD teacher into the 4-step student (Yin et al. 2024, "Improved
+Distribution Matching Distillation for Fast Image Synthesis").
+
+Networks: the frozen teacher (the "real" score), the student G and the fake score F (both
+initialised from the teacher), and a GAN head on the frozen teacher's mid-block image
+tokens. Iterations alternate: `fake_updates` updates of F and the GAN head, then one of G.
+
+Student input ("rollout") at one of the sampler's times t_k (k drawn per iteration):
+    teacher forcing (official PiD default): x_tk = (1 - t_k) x0 + t_k eps, x0 the real image;
+    backward simulation (DMD2): x_tk from running the student's own sampler for k steps.
+    x0_gen = x_tk - t_k * G(x_tk, t_k)
+The same x0_gen feeds both student losses:
+    DMD: noise it to t ~ U[t_min, t_max]; grad = (x0_fake - x0_real) / mean|x0_gen - x0_real|;
+         loss = 0.5 |x0_gen - sg(x0_gen - grad)|^2 (the normalised distribution-matching gradient)
+    GAN: softplus(-D(teacher_features(noised x0_gen)))
+Fake/discriminator update: flow matching of F on detached x0_gen; D real vs fake (softplus),
+plus the approximate R1 penalty lambda * |D(x_real) - D(x_real + N(0, r1_sigma^2))|^2.
+
+Gradients are averaged across processes by hand (`average_gradients`): the three trainable
+networks take turns, which DDP's fixed per-forward reducer does not model; FSDP is not
+supported here (the distilled models this project trains fit one device).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pidserve.model import PiDNet, load_checkpoint, sample, save_checkpoint
+from pidserve.model.network import Conditioning
+from pidserve.model.sampler import student_timesteps
+
+from .config import DistillTrainConfig, config_dict
+from .data import (
+    CropSpec,
+    LatentNoise,
+    PhotoCrops,
+    make_loader,
+    per_sample_normal,
+    per_sample_uniform,
+    sample_seed,
+)
+from .distributed import DistInfo, all_mean, init_distributed, shutdown
+from .ema import EMA
+from .inputs import FrozenEncoder, LatentInputs, latent_inputs
+from .loop import Progress, check_finite, save_grid, set_lr, warmup_lr
+from .state import latest_checkpoint, load_training_state, save_training_state
+from .teacher import autocast_for
+
+log = logging.getLogger(__name__)
+
+SALT_ROLLOUT, SALT_DMD_T, SALT_DMD_EPS, SALT_REAL_EPS, SALT_R1 = 0x81, 0x82, 0x83, 0x84, 0x85
+
+
+class GanHead(nn.Module):
+    """Per-token real/fake logit from frozen teacher features [B, L, D], averaged over tokens."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens.float()).mean(dim=(1, 2))
+
+
+class Distiller:
+    """Holds the four networks and computes the two phases' losses for one local batch."""
+
+    def __init__(self, teacher: PiDNet, cfg: DistillTrainConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        self.student = _copy(teacher).to(device).train().requires_grad_(True)
+        self.fake = _copy(teacher).to(device).train().requires_grad_(True)
+        self.head = GanHead(teacher.cfg.hidden_size).to(device)
+        depth = len(teacher.patch_blocks)
+        self.gan_depth = cfg.gan_block or max(1, depth // 2)
+        self.t_list = student_timesteps(4).tolist()
+
+    # ---- shared pieces ------------------------------------------------------------------------
+    def rollout(
+        self,
+        inputs: LatentInputs,
+        hr: torch.Tensor,
+        seeds: torch.Tensor,
+        k: int,
+        cond: Conditioning,
+        grad: bool,
+    ) -> torch.Tensor:
+        """x0_gen: the student's clean-image prediction at sampler step k (see the module docstring)."""
+        t_list = self.t_list
+        if self.cfg.student_mode == "teacher_forcing":
+            eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_ROLLOUT + 16 * k).to(hr.device)
+            x = (1 - t_list[k]) * hr + t_list[k] * eps
+        elif self.cfg.student_mode == "backward_simulation":
+            x = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_ROLLOUT).to(hr.device)
+            with torch.no_grad():
+                for j in range(k):
+                    x0 = x - t_list[j] * self.student.velocity(x, _t(t_list[j], x), cond).float()
+                    eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_ROLLOUT + 16 * (j + 1)).to(
+                        hr.device
+                    )
+                    x = (1 - t_list[j + 1]) * x0 + t_list[j + 1] * eps
+        else:
+            raise ValueError(
+                f"student_mode must be teacher_forcing or backward_simulation, got {self.cfg.student_mode!r}"
+            )
+        with torch.set_grad_enabled(grad):
+            return x - t_list[k] * self.student.velocity(x, _t(t_list[k], x), cond).float()
+
+    def noised(self, x0: torch.Tensor, seeds: torch.Tensor, salt_t: int, salt_eps: int) -> tuple:
+        t = self.cfg.dmd_t_min + (self.cfg.dmd_t_max - self.cfg.dmd_t_min) * per_sample_uniform(seeds, salt_t)
+        t = t.to(x0.device)
+        eps = per_sample_normal(seeds, tuple(x0.shape[1:]), salt_eps).to(x0.device)
+        t4 = t.view(-1, 1, 1, 1)
+        return (1 - t4) * x0 + t4 * eps, t, eps
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.head(self.teacher.patch_tokens(x_t, t * 1000.0, cond, self.gan_depth))
+
+    # ---- phase 1: fake score and discriminator --------------------------------------------------
+    def fake_loss(self, hr: torch.Tensor, inputs: LatentInputs, seeds: torch.Tensor, k: int) -> tuple:
+        cfg = self.cfg
+        size = tuple(hr.shape[-2:])
+        s_cond = self.student.condition(inputs.latent, inputs.sigma, image_size=size)
+        x0_gen = self.rollout(inputs, hr, seeds, k, s_cond, grad=False).detach()
+        x_t, t, eps = self.noised(x0_gen, seeds, SALT_DMD_T, SALT_DMD_EPS)
+        f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size)
+        v_fake = self.fake.velocity(x_t, t * 1000.0, f_cond).float()
+        fake_fm = F.mse_loss(v_fake, eps - x0_gen)
+
+        t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size)
+        real_eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_REAL_EPS).to(hr.device)
+        t4 = t.view(-1, 1, 1, 1)
+        real_t = (1 - t4) * hr + t4 * real_eps
+        logit_real = self.logits(real_t, t, t_cond)
+        logit_fake = self.logits(x_t, t, t_cond)
+        d_loss = F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
+        jitter = cfg.r1_sigma * per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_R1).to(hr.device)
+        r1 = (logit_real - self.logits(real_t + jitter, t, t_cond)).pow(2).mean()
+        loss = fake_fm + cfg.gan_fake_weight * (d_loss + cfg.r1_weight * r1)
+        return loss, {"fake_fm": fake_fm.item(), "d_loss": d_loss.item(), "r1": r1.item()}
+
+    # ---- phase 2: student ---------------------------------------------------------------------
+    def student_loss(self, hr: torch.Tensor, inputs: LatentInputs, seeds: torch.Tensor, k: int) -> tuple:
+        cfg = self.cfg
+        size = tuple(hr.shape[-2:])
+        s_cond = self.student.condition(inputs.latent, inputs.sigma, image_size=size)
+        x0_gen = self.rollout(inputs, hr, seeds, k, s_cond, grad=True)
+        x_t, t, _ = self.noised(x0_gen, seeds, SALT_DMD_T, SALT_DMD_EPS)
+        t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size)
+        with torch.no_grad():
+            x_in = x_t.detach()
+            t4 = t.view(-1, 1, 1, 1)
+            x0_real = x_in - t4 * self.teacher.velocity(x_in, t * 1000.0, t_cond).float()
+            f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size)
+            x0_fake = x_in - t4 * self.fake.velocity(x_in, t * 1000.0, f_cond).float()
+            weight = (x0_gen.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+            grad = (x0_fake - x0_real) / weight
+        dmd = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
+        gan = F.softplus(-self.logits(x_t, t, t_cond)).mean()
+        loss = cfg.dmd_weight * dmd + cfg.gan_weight * gan
+        return loss, {"dmd": dmd.item(), "gan_g": gan.item()}
+
+
+def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
+    """All-reduce the gradients of `params` to their mean over processes (one flat buffer)."""
+    if not info.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_distill(cfg: DistillTrainConfig) -> Path:
+    """Distill (or resume) in cfg.run_dir; returns the path of the student's weights file."""
+    if cfg.strategy != "ddp":
+        raise ValueError(
+            "distillation averages gradients itself; use strategy = 'ddp' (FSDP is not supported)"
+        )
+    if not cfg.teacher:
+        raise ValueError("set `teacher` to the teacher's .safetensors (from `pidserve train teacher`)")
+    info = init_distributed(cfg.device)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    teacher = load_checkpoint(cfg.teacher)
+    net_cfg = teacher.cfg
+    d = Distiller(teacher, cfg, info.device)
+    encoder = FrozenEncoder(cfg.autoencoder, net_cfg, info.device)
+    student_params = list(d.student.parameters())
+    fake_params = list(d.fake.parameters()) + list(d.head.parameters())
+    opt_g = torch.optim.AdamW(student_params, lr=cfg.lr, betas=(0.0, 0.99), weight_decay=cfg.weight_decay)
+    opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, betas=(0.0, 0.99), weight_decay=cfg.weight_decay)
+    ema = EMA(d.student, cfg.ema, cfg.ema_sigma_rel, cfg.ema_beta)
+    models = {"student": d.student, "fake": d.fake, "head": d.head}
+    step = 0
+    if (ckpt := latest_checkpoint(run_dir)) is not None:
+        step = load_training_state(ckpt, models, {"student": opt_g, "fake": opt_f}, {"student": ema})["step"]
+        log.info("resumed from %s (step %d)", ckpt, step)
+
+    per_step = cfg.fake_updates + 1  # data iterations per student step
+    spec = CropSpec(
+        cfg.crop,
+        net_cfg.sr_scale,
+        cfg.short_side,
+        caption_dropout=cfg.caption_dropout,
+        cycle=tuple(cfg.crop_cycle),
+        step_samples=cfg.batch * per_step,
+    )
+    dataset = PhotoCrops(cfg.data, spec, cfg.seed)
+    batches = make_loader(dataset, cfg.batch, step * per_step, info.rank, info.world_size, cfg.workers)
+    noise = LatentNoise(cfg.noise_prob, cfg.noise_max_sigma, cfg.latent_dropout)
+    progress = Progress(run_dir, step, cfg.steps, cfg.batch * per_step, info.is_main)
+    while step < cfg.steps:
+        step += 1
+        k = sample_seed(cfg.seed, step) % 4  # the rollout step, shared by every process
+        metrics: dict[str, float] = {"k": float(k)}
+        with autocast_for(cfg.precision, info.device):
+            for _ in range(cfg.fake_updates):
+                hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
+                loss_f, m = d.fake_loss(hr, inputs, seeds, k)
+                check_finite(loss_f, step)
+                set_lr(opt_f, warmup_lr(step, cfg.fake_lr, cfg.warmup))
+                opt_f.zero_grad(set_to_none=True)
+                loss_f.backward()
+                average_gradients(fake_params, info)
+                torch.nn.utils.clip_grad_norm_(fake_params, cfg.grad_clip)
+                opt_f.step()
+            metrics |= m
+            hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
+            loss_g, m = d.student_loss(hr, inputs, seeds, k)
+        check_finite(loss_g, step)
+        set_lr(opt_g, warmup_lr(step, cfg.lr, cfg.warmup))
+        opt_g.zero_grad(set_to_none=True)
+        d.fake.zero_grad(set_to_none=True)
+        d.head.zero_grad(set_to_none=True)
+        loss_g.backward()
+        average_gradients(student_params, info)
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip))
+        opt_g.step()
+        ema.update(d.student, step)
+        metrics |= m
+        metrics["loss"] = float(all_mean(loss_g.detach(), info))
+        progress.update(step, metrics, log=step % cfg.log_every == 0)
+        if info.is_main and step % cfg.sample_every == 0:
+            _samples(d, ema, encoder, dataset, run_dir / "samples" / f"step_{step:07d}.png", info.device)
+        if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
+            extra = {"config": config_dict(cfg), "net_config": net_cfg.to_dict()}
+            save_training_state(
+                run_dir, step, models, {"student": opt_g, "fake": opt_f}, {"student": ema}, extra
+            )
+    progress.close()
+
+    final = run_dir / "student.safetensors"
+    if info.is_main:
+        export = _copy(d.student)
+        if cfg.ema_student:
+            ema.copy_to(export)
+        save_checkpoint(
+            export, final, extra_metadata={"distill_steps": str(cfg.steps), "seed": str(cfg.seed)}
+        )
+        log.info("wrote %s", final)
+    shutdown(info)
+    return final
+
+
+def _batch(batch: dict, encoder: FrozenEncoder, noise: LatentNoise, info: DistInfo) -> tuple:
+    hr, lr, seeds = batch["hr"].to(info.device), batch["lr"].to(info.device), batch["seed"]
+    return hr, latent_inputs(encoder, lr, seeds, noise), seeds
+
+
+def _t(t: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t * 1000.0, dtype=torch.float32, device=x.device)
+
+
+def _copy(net: PiDNet) -> PiDNet:
+    clone = PiDNet(net.cfg)
+    clone.load_state_dict(net.state_dict())
+    return clone
+
+
+@torch.no_grad()
+def _samples(
+    d: Distiller, ema: EMA, encoder: FrozenEncoder, dataset: PhotoCrops, path: Path, device: torch.device
+) -> None:
+    """Grid: ground truth, teacher with the 4-step sampler, student (EMA) with the 4-step sampler."""
+    probe = _copy(d.student).to(device).eval()
+    ema.copy_to(probe)
+    items = [dataset[2**41 + i] for i in range(6)]
+    hr = torch.stack([it["hr"] for it in items]).to(device)
+    z = encoder(torch.stack([it["lr"] for it in items]).to(device))
+    teacher4 = sample(d.teacher, z, 0.0, generator=torch.Generator(device=device).manual_seed(0))
+    student4 = sample(probe, z, 0.0, generator=torch.Generator(device=device).manual_seed(0))
+    save_grid(path, [hr, teacher4, student4])
