@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pidserve-installed
 
-.PHONY: install test lint serve clean
+.PHONY: install test lint serve clean default-model
 
 install: $(STAMP)
 
@@ -37,3 +37,13 @@ serve: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Rebuild the embedded default from scratch (network for the photo packages; ~1.5 h on 2 CPU cores).
+# Exactly the commands recorded in model/weights/MODEL_CARD.md.
+default-model: $(STAMP)
+	$(BIN)/pidserve data photos --out data/photos
+	$(BIN)/pidserve train autoencoder -c recipes/tiny_ae.toml
+	cp runs/tiny-ae/tiny-ae.safetensors model/weights/tiny-ae.safetensors
+	$(BIN)/pidserve train teacher -c recipes/pid_tiny_teacher.toml
+	$(BIN)/pidserve train distill -c recipes/pid_tiny_distill.toml
+	cp runs/pid-tiny-distill/student.safetensors model/weights/pid-tiny.safetensors

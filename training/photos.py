@@ -66,6 +66,8 @@ def build_photo_set(out_dir: Path, deb: Path | None = None) -> list[PhotoRecord]
     out_dir = Path(out_dir)
     for split in ("train", "holdout"):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
+    if deb is not None and not Path(deb).is_file():
+        raise FileNotFoundError(f"{deb} does not exist; pass the mate-backgrounds_*.deb file, or omit --deb")
     records: list[PhotoRecord] = []
     with tempfile.TemporaryDirectory() as tmp:
         deb = deb or _download_deb(Path(tmp))
@@ -101,7 +103,9 @@ def _download_deb(where: Path) -> Path:
         raise RuntimeError(
             "apt-get is not available: download mate-backgrounds_*.deb yourself and pass --deb"
         )
-    subprocess.run(["apt-get", "download", MATE_PACKAGE], cwd=where, check=True, capture_output=True)
+    done = subprocess.run(["apt-get", "download", MATE_PACKAGE], cwd=where, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"apt-get download {MATE_PACKAGE} failed: {done.stderr.strip()[-500:]}")
     debs = sorted(where.glob(f"{MATE_PACKAGE}_*.deb"))
     if not debs:
         raise RuntimeError(f"apt-get download {MATE_PACKAGE} produced no .deb in {where}")
@@ -112,7 +116,9 @@ def _extract_deb(deb: Path, dest: Path) -> Path:
     if shutil.which("dpkg-deb") is None:
         raise RuntimeError("dpkg-deb is needed to unpack the .deb (Debian/Ubuntu: it is always installed)")
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True, capture_output=True)
+    done = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"dpkg-deb could not unpack {deb}: {done.stderr.strip()}")
     return dest
 
 

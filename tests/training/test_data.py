@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pidserve.training.data import CropSpec, LatentNoise, PhotoCrops, StepSampler, degrade, sample_seed
+from pidserve.training.data import (
+    CropSpec,
+    LatentNoise,
+    PhotoCrops,
+    StepSampler,
+    degrade,
+    make_loader,
+    sample_seed,
+)
 
 
 def test_crops_have_the_right_shapes_ranges_and_are_deterministic(photo_dir):
@@ -60,3 +68,12 @@ def test_missing_folder_and_small_photos_are_clear_errors(tmp_path, photo_dir):
         PhotoCrops(tmp_path / "nope", CropSpec(32, 4, 64))
     with pytest.raises(ValueError, match="not a multiple"):
         CropSpec(30, 4, 64)
+
+
+def test_worker_processes_give_the_same_batches(photo_dir):
+    ds = PhotoCrops(photo_dir, CropSpec(size=32, scale=4, short_side=64), seed=5)
+    inline = make_loader(ds, global_batch=4, start_step=3, rank=0, world_size=1, workers=0)
+    workers = make_loader(ds, global_batch=4, start_step=3, rank=0, world_size=1, workers=2)
+    for _ in range(3):
+        a, b = next(inline), next(workers)
+        assert torch.equal(a["hr"], b["hr"]) and torch.equal(a["seed"], b["seed"])
