@@ -52,7 +52,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if (ckpt := latest_checkpoint(run_dir)) is not None:
-        step = load_training_state(ckpt, {"ae": ae}, {"ae": opt}, {"ae": ema})["step"]
+        step = load_training_state(ckpt, {"ae": ae}, {"ae": (ae, opt)}, {"ae": ema})["step"]
         log.info("resumed from %s (step %d)", ckpt, step)
     model = wrap_model(ae, info, cfg.strategy)
 
@@ -83,8 +83,9 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
     progress.close()
 
     final = run_dir / "tiny-ae.safetensors"
+    ema_state = ema.full_state()
     if info.is_main:
-        ema.copy_to(ae)
+        ema.copy_to(ae, ema_state)
         stats = latent_statistics(ae, dataset, info.device)
         save_autoencoder(ae, final, {"latent_stats": stats, "train_steps": cfg.steps, "seed": cfg.seed})
         log.info("wrote %s (latent mean %.4f, std %.4f)", final, stats["mean"], stats["std"])

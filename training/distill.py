@@ -27,7 +27,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,7 +44,7 @@ from .data import (
     per_sample_uniform,
     sample_seed,
 )
-from .distributed import DistInfo, all_mean, init_distributed, shutdown
+from .distributed import DistInfo, all_mean, average_gradients, clip_gradients, init_distributed, shutdown
 from .ema import EMA
 from .inputs import FrozenEncoder, LatentInputs, latent_inputs
 from .loop import Progress, check_finite, save_grid, set_lr, warmup_lr
@@ -167,20 +166,6 @@ class Distiller:
         return loss, {"dmd": dmd.item(), "gan_g": gan.item()}
 
 
-def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
-    """All-reduce the gradients of `params` to their mean over processes (one flat buffer)."""
-    if not info.distributed:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= info.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def train_distill(cfg: DistillTrainConfig) -> Path:
     """Distill (or resume) in cfg.run_dir; returns the path of the student's weights file."""
     if cfg.strategy != "ddp":
@@ -203,9 +188,13 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
     opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, betas=(0.0, 0.99), weight_decay=cfg.weight_decay)
     ema = EMA(d.student, cfg.ema, cfg.ema_sigma_rel, cfg.ema_beta)
     models = {"student": d.student, "fake": d.fake, "head": d.head}
+    optimizers = {
+        "student": (d.student, opt_g),
+        "fake": (nn.ModuleDict({"fake": d.fake, "head": d.head}), opt_f),
+    }
     step = 0
     if (ckpt := latest_checkpoint(run_dir)) is not None:
-        step = load_training_state(ckpt, models, {"student": opt_g, "fake": opt_f}, {"student": ema})["step"]
+        step = load_training_state(ckpt, models, optimizers, {"student": ema})["step"]
         log.info("resumed from %s (step %d)", ckpt, step)
 
     per_step = cfg.fake_updates + 1  # data iterations per student step
@@ -234,7 +223,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
                 opt_f.zero_grad(set_to_none=True)
                 loss_f.backward()
                 average_gradients(fake_params, info)
-                torch.nn.utils.clip_grad_norm_(fake_params, cfg.grad_clip)
+                clip_gradients(fake_params, cfg.grad_clip)
                 opt_f.step()
             metrics |= m
             hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
@@ -246,7 +235,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
         d.head.zero_grad(set_to_none=True)
         loss_g.backward()
         average_gradients(student_params, info)
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip))
+        metrics["grad_norm"] = clip_gradients(student_params, cfg.grad_clip)
         opt_g.step()
         ema.update(d.student, step)
         metrics |= m
@@ -254,11 +243,9 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
         progress.update(step, metrics, log=step % cfg.log_every == 0)
         if info.is_main and step % cfg.sample_every == 0:
             _samples(d, ema, encoder, dataset, run_dir / "samples" / f"step_{step:07d}.png", info.device)
-        if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
+        if step % cfg.save_every == 0 or step == cfg.steps:
             extra = {"config": config_dict(cfg), "net_config": net_cfg.to_dict()}
-            save_training_state(
-                run_dir, step, models, {"student": opt_g, "fake": opt_f}, {"student": ema}, extra
-            )
+            save_training_state(run_dir, step, models, optimizers, {"student": ema}, extra, info.is_main)
     progress.close()
 
     final = run_dir / "student.safetensors"

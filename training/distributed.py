@@ -73,10 +73,16 @@ def wrap_model(
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 cannot shard 0-d parameters (the gates' log_alpha): they stay replicated and
+        # their gradients are averaged by `sync_replicated_grads`.
+        replicated = {p for p in model.parameters() if p.ndim == 0}
         # Shard each transformer block separately, then the rest (PyTorch's recommended FSDP2 use).
-        for block in [*getattr(model, "patch_blocks", []), *getattr(model, "pixel_blocks", [])]:
-            fully_shard(block)
-        return fully_shard(model)
+        for block in model.modules():
+            if type(block).__name__ in ("PatchBlock", "PixelBlock"):
+                fully_shard(block)
+        fully_shard(model, ignored_params=replicated)
+        model._replicated_params = sorted(replicated, key=id)  # type: ignore[attr-defined]
+        return model
     raise ValueError(f"unknown distributed strategy {strategy!r}; use 'ddp' or 'fsdp'")
 
 
@@ -97,3 +103,46 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
+    """All-reduce the gradients of (plain, unsharded) `params` to their mean, as one flat buffer."""
+    if not info.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sync_replicated_grads(model: nn.Module, info: DistInfo) -> None:
+    """Average the gradients FSDP left to us (its ignored, replicated parameters); no-op otherwise."""
+    average_gradients(getattr(model, "_replicated_params", []), info)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm of a mix of sharded (DTensor) and plain parameters; returns it."""
+    from torch.distributed.tensor import DTensor
+
+    groups = [
+        [p for p in params if p.grad is not None and isinstance(p, DTensor) == sharded] for sharded in (1, 0)
+    ]
+    squares = []
+    for group in groups:
+        if group:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            squares.append(norm.float().square())
+    if not squares:
+        return 0.0
+    total = torch.stack(squares).sum().sqrt()
+    for group in groups:
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total.item()

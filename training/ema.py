@@ -62,8 +62,18 @@ class EMA:
             if name in self.shadow:
                 self.shadow[name].lerp_(value.detach().float(), 1 - beta)
 
-    def copy_to(self, module: nn.Module) -> None:
-        """Load the averaged weights into `module` (e.g. a fresh copy for evaluation or export)."""
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The averaged weights as full CPU tensors (gathers FSDP shards: every process must call it)."""
+        from torch.distributed.tensor import DTensor
+
+        return {
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for k, v in self.shadow.items()
+        }
+
+    def copy_to(self, module: nn.Module, full_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Load the averaged weights into a plain `module` (e.g. a fresh copy for evaluation or export)."""
+        full_state = self.full_state() if full_state is None else full_state
         state = module.state_dict()
-        state.update({k: v.to(state[k].dtype) for k, v in self.shadow.items()})
+        state.update({k: v.to(device=state[k].device, dtype=state[k].dtype) for k, v in full_state.items()})
         module.load_state_dict(state)

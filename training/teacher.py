@@ -24,7 +24,15 @@ from pidserve.model.sampler import resolution_shift
 
 from .config import TeacherTrainConfig, config_dict
 from .data import CropSpec, LatentNoise, PhotoCrops, make_loader, per_sample_normal
-from .distributed import DistInfo, all_mean, init_distributed, shutdown, wrap_model
+from .distributed import (
+    DistInfo,
+    all_mean,
+    clip_gradients,
+    init_distributed,
+    shutdown,
+    sync_replicated_grads,
+    wrap_model,
+)
 from .ema import EMA
 from .inputs import FrozenEncoder, latent_inputs, logit_normal_times
 from .loop import Progress, check_finite, save_grid, set_lr, warmup_lr
@@ -87,15 +95,17 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
     if cfg.train_adapter_only:
         for name, p in net.named_parameters():
             p.requires_grad_(name.startswith(("adapter.", "gates.", "pixel_gate.")))
+    # Order matters for FSDP2: wrap (shards the parameters in place), then build the optimizer
+    # and EMA over the sharded parameters, then restore state into them.
+    model = _wrap(FlowMatchingLoss(net), info, cfg.strategy)
     trainable = [p for p in net.parameters() if p.requires_grad]
     encoder = FrozenEncoder(cfg.autoencoder, net_cfg, info.device)
     ema = EMA(net, cfg.ema, cfg.ema_sigma_rel, cfg.ema_beta)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     step = 0
     if (ckpt := latest_checkpoint(run_dir)) is not None:
-        step = load_training_state(ckpt, {"net": net}, {"net": opt}, {"net": ema})["step"]
+        step = load_training_state(ckpt, {"net": net}, {"net": (net, opt)}, {"net": ema})["step"]
         log.info("resumed from %s (step %d)", ckpt, step)
-    model = _wrap(FlowMatchingLoss(net), info, cfg.strategy)
 
     spec = CropSpec(
         cfg.crop,
@@ -117,24 +127,29 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         set_lr(opt, warmup_lr(step, cfg.lr, cfg.warmup))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+        sync_replicated_grads(model, info)
+        metrics["grad_norm"] = clip_gradients(trainable, cfg.grad_clip)
         opt.step()
         ema.update(net, step)
         metrics["loss"] = float(all_mean(loss.detach(), info))
         progress.update(step, metrics, log=step % cfg.log_every == 0)
-        if info.is_main and step % cfg.sample_every == 0:
-            write_samples(
-                net, ema, encoder, dataset, run_dir / "samples" / f"step_{step:07d}.png", info.device
-            )
-        if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
+        if step % cfg.sample_every == 0:
+            ema_state = ema.full_state()  # collective under FSDP: every process gathers
+            if info.is_main:
+                path = run_dir / "samples" / f"step_{step:07d}.png"
+                write_samples(net_cfg, ema_state, encoder, dataset, path, info.device)
+        if step % cfg.save_every == 0 or step == cfg.steps:
             extra = {"config": config_dict(cfg), "net_config": net_cfg.to_dict()}
-            save_training_state(run_dir, step, {"net": net}, {"net": opt}, {"net": ema}, extra)
+            save_training_state(
+                run_dir, step, {"net": net}, {"net": (net, opt)}, {"net": ema}, extra, info.is_main
+            )
     progress.close()
 
     final = run_dir / "teacher_ema.safetensors"
+    ema_state = ema.full_state()
     if info.is_main:
         export = PiDNet(net_cfg)
-        ema.copy_to(export)
+        ema.copy_to(export, ema_state)
         save_checkpoint(export, final, extra_metadata={"train_steps": str(cfg.steps), "seed": str(cfg.seed)})
         log.info("wrote %s", final)
     shutdown(info)
@@ -175,17 +190,22 @@ def _wrap(module: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
 
 @torch.no_grad()
 def write_samples(
-    net: PiDNet, ema: EMA, encoder: FrozenEncoder, dataset: PhotoCrops, path: Path, device: torch.device
+    net_cfg: PiDConfig,
+    ema_state: dict[str, torch.Tensor],
+    encoder: FrozenEncoder,
+    dataset: PhotoCrops,
+    path: Path,
+    device: torch.device,
 ) -> None:
     """Grid: ground truth, tiny-ae decode + bicubic, teacher (EMA, 16 Euler steps), 4-step sampler."""
-    probe = PiDNet(net.cfg).to(device).eval()
-    ema.copy_to(probe)
+    probe = PiDNet(net_cfg).to(device).eval()
+    probe.load_state_dict(ema_state)
     items = [dataset[2**41 + i] for i in range(6)]  # fixed crops, far from any training index
     hr = torch.stack([it["hr"] for it in items]).to(device)
     lr = torch.stack([it["lr"] for it in items]).to(device)
     z = encoder(lr)
     cascade = F.interpolate(
-        encoder.ae.decode(encoder.space.denormalize(z)), scale_factor=net.cfg.sr_scale, mode="bicubic"
+        encoder.ae.decode(encoder.space.denormalize(z)), scale_factor=net_cfg.sr_scale, mode="bicubic"
     )
     gen = torch.Generator(device=device).manual_seed(0)
     teacher = sample_teacher(probe, z, 0.0, steps=16, generator=gen)

@@ -41,8 +41,8 @@ def _train(kind: str, processes: int, overrides: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["teacher", "distill"])
-def test_two_gloo_processes_equal_one_process(kind, tmp_path, photo_dir, tiny_ae_file):
+@pytest.mark.parametrize(("kind", "strategy"), [("teacher", "ddp"), ("teacher", "fsdp"), ("distill", "ddp")])
+def test_two_gloo_processes_equal_one_process(kind, strategy, tmp_path, photo_dir, tiny_ae_file):
     teacher_file = None
     if kind == "distill":
         base = tmp_path / "teacher"
@@ -51,13 +51,15 @@ def test_two_gloo_processes_equal_one_process(kind, tmp_path, photo_dir, tiny_ae
     results = {}
     for processes in (1, 2):
         run = tmp_path / f"{kind}{processes}"
-        overrides = teacher_overrides(run, photo_dir, tiny_ae_file, steps=3)
+        overrides = teacher_overrides(run, photo_dir, tiny_ae_file, steps=3, strategy=strategy, save_every=2)
         if kind == "distill":
             overrides = [o for o in overrides if not o.startswith(("net=", "shift"))]
             overrides += [f"teacher={teacher_file}", "fake_updates=2", "lr=1e-3", "fake_lr=1e-3"]
         _train(kind, processes, overrides)
         out = run / ("teacher_ema.safetensors" if kind == "teacher" else "student.safetensors")
         results[processes] = load_checkpoint(out).state_dict()
+    # The checkpoint of the 2-process run holds full (gathered) tensors, also under FSDP.
+    assert (tmp_path / f"{kind}2" / "checkpoints" / "step_0000002" / "weights.safetensors").is_file()
     one, two = results[1], results[2]
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < 1e-4, worst
