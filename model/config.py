@@ -345,7 +345,6 @@ PRESETS: dict[str, PiDConfig] = {
         adapter_hidden=64,
         adapter_res_blocks=2,
         rope_ref_size=(256, 256),
-        aux_rgb_head=True,
     ),
 }
 

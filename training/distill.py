@@ -249,10 +249,13 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
     progress.close()
 
     final = run_dir / "student.safetensors"
+    ema_state = ema.full_state()
     if info.is_main:
-        export = _copy(d.student)
-        if cfg.ema_student:
-            ema.copy_to(export)
+        # The aux RGB head is a training-only part of the teacher: the student ships without it
+        # (as the official distilled checkpoints do).
+        export = PiDNet(net_cfg.replace(aux_rgb_head=False))
+        weights = ema_state if cfg.ema_student else d.student.state_dict()
+        export.load_state_dict({k: v for k, v in weights.items() if not k.startswith("adapter.aux_rgb_head")})
         save_checkpoint(
             export, final, extra_metadata={"distill_steps": str(cfg.steps), "seed": str(cfg.seed)}
         )
