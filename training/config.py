@@ -85,6 +85,9 @@ class DistillTrainConfig(CommonConfig):
         100.0  # approximate R1 (Lin et al. 2025, APT): lambda |D(x) - D(x + N(0, r1_sigma^2))|^2
     )
     r1_sigma: float = 0.01
+    # Not in DMD2: an MSE pull of the student's x0 towards the real image (a decoder has paired
+    # data). 0 = pure DMD2 + GAN. Useful when the teacher is weak (short CPU runs).
+    regression_weight: float = 0.0
     dmd_t_min: float = 0.02  # diffusion times at which the score difference is measured
     dmd_t_max: float = 0.98
     gan_block: int = 0  # number of teacher patch blocks whose output feeds the GAN head (0: half of them)

@@ -13,6 +13,7 @@ The same x0_gen feeds both student losses:
     DMD: noise it to t ~ U[t_min, t_max]; grad = (x0_fake - x0_real) / mean|x0_gen - x0_real|;
          loss = 0.5 |x0_gen - sg(x0_gen - grad)|^2 (the normalised distribution-matching gradient)
     GAN: softplus(-D(teacher_features(noised x0_gen)))
+    optional regression (regression_weight > 0, off by default): |x0_gen - x0|^2 against the real image
 Fake/discriminator update: flow matching of F on detached x0_gen; D real vs fake (softplus),
 plus the approximate R1 penalty lambda * |D(x_real) - D(x_real + N(0, r1_sigma^2))|^2.
 
@@ -163,7 +164,13 @@ class Distiller:
         dmd = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
         gan = F.softplus(-self.logits(x_t, t, t_cond)).mean()
         loss = cfg.dmd_weight * dmd + cfg.gan_weight * gan
-        return loss, {"dmd": dmd.item(), "gan_g": gan.item()}
+        metrics = {"dmd": dmd.item(), "gan_g": gan.item()}
+        if cfg.regression_weight > 0:
+            # Optional paired term (not part of DMD2): a decoder has the ground truth of every latent.
+            regression = F.mse_loss(x0_gen, hr)
+            loss = loss + cfg.regression_weight * regression
+            metrics["regression"] = regression.item()
+        return loss, metrics
 
 
 def train_distill(cfg: DistillTrainConfig) -> Path:

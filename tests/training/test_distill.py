@@ -68,6 +68,7 @@ def test_student_loss_reaches_only_the_student(mode, tmp_path, photo_dir, tiny_a
     loss, metrics = d.student_loss(hr, inputs, seeds, k=2)
     loss.backward()
     assert metrics["dmd"] > 0 and torch.isfinite(loss)
+    assert "regression" not in metrics  # off by default: pure DMD2
     assert sum(float(p.grad.abs().sum()) for p in d.student.parameters() if p.grad is not None) > 0
     assert all(p.grad is None for p in d.teacher.parameters())
     assert all(p.grad is None for p in d.fake.parameters())
@@ -87,3 +88,23 @@ def test_distillation_runs_resumes_and_writes_a_student(tmp_path, photo_dir, tin
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     student = load_checkpoint(out)
     assert any(not torch.equal(v, tiny_teacher.state_dict()[k]) for k, v in student.state_dict().items())
+
+
+def test_optional_regression_term_pulls_the_student_towards_the_real_image(
+    tmp_path, photo_dir, tiny_ae_file, tiny_teacher
+):
+    cfg = _distill_cfg(
+        tmp_path, photo_dir, tiny_ae_file, regression_weight=1.0, dmd_weight=0.0, gan_weight=0.0
+    )
+    d = Distiller(tiny_teacher, cfg, torch.device("cpu"))
+    encoder = FrozenEncoder(tiny_ae_file, tiny_teacher.cfg, torch.device("cpu"))
+    hr, inputs, seeds = _fixed_batch(cfg, tiny_teacher, photo_dir, encoder)
+    opt = torch.optim.Adam(d.student.parameters(), lr=3e-3)
+    values = []
+    for _ in range(15):
+        loss, metrics = d.student_loss(hr, inputs, seeds, k=0)
+        values.append(metrics["regression"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert values[-1] < 0.7 * values[0], values
