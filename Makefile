@@ -31,7 +31,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 serve: $(STAMP)
-	@echo "make serve: the decode service (server/) and the embedded default model are not built yet;" >&2
+	@echo "make serve: the decode service (server/) is not built yet (the embedded default model is: try" >&2
+	@echo "'.venv/bin/pidserve decode photo.png')." >&2
 	@echo "see README.md, 'Status'. Nothing was started." >&2
 	@exit 1
 

@@ -78,3 +78,21 @@ def test_encode_image_refuses_non_rgb_uint8():
         encode_image(ae, np.zeros((16, 16), dtype=np.uint8))
     latent = encode_image(ae, np.zeros((16, 24, 3), dtype=np.uint8))
     assert latent.shape == (1, 16, 2, 3)
+
+
+def test_bench_quality_reports_every_metric_for_the_default(tmp_path):
+    photos = tmp_path / "holdout"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (300, 320, 3), dtype=np.uint8)).save(photos / "p.png")
+    out = tmp_path / "quality"
+    args = ["bench", "quality", "--photos", str(photos), "--out", str(out), "--crops-per-photo", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"cascade", "student"}
+    for figures in metrics.values():
+        assert set(figures) == {"psnr", "ssim", "colour_error", "spectral_distance"}
+    assert Image.open(out / "grid.png").size == (3 * 256, 3 * 256)
