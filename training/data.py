@@ -56,6 +56,18 @@ class CropSpec:
         return self.cycle[(index // self.step_samples) % len(self.cycle)]
 
 
+def crop_spec(cfg, scale: int, step_samples: int) -> CropSpec:
+    """The CropSpec of a training config (crop, crop_cycle, short_side, caption_dropout keys)."""
+    return CropSpec(
+        cfg.crop,
+        scale,
+        cfg.short_side,
+        caption_dropout=getattr(cfg, "caption_dropout", 0.0),
+        cycle=tuple(cfg.crop_cycle),
+        step_samples=step_samples,
+    )
+
+
 def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:
     """The official degradation: antialiased bicubic downsample by `scale`. [B,3,H,W] -> [B,3,H/s,W/s]."""
     h, w = hr.shape[-2:]

@@ -37,9 +37,9 @@ from pidserve.model.sampler import student_timesteps
 
 from .config import DistillTrainConfig, config_dict
 from .data import (
-    CropSpec,
     LatentNoise,
     PhotoCrops,
+    crop_spec,
     make_loader,
     per_sample_normal,
     per_sample_uniform,
@@ -205,14 +205,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
         log.info("resumed from %s (step %d)", ckpt, step)
 
     per_step = cfg.fake_updates + 1  # data iterations per student step
-    spec = CropSpec(
-        cfg.crop,
-        net_cfg.sr_scale,
-        cfg.short_side,
-        caption_dropout=cfg.caption_dropout,
-        cycle=tuple(cfg.crop_cycle),
-        step_samples=cfg.batch * per_step,
-    )
+    spec = crop_spec(cfg, net_cfg.sr_scale, step_samples=cfg.batch * per_step)
     dataset = PhotoCrops(cfg.data, spec, cfg.seed)
     batches = make_loader(dataset, cfg.batch, step * per_step, info.rank, info.world_size, cfg.workers)
     noise = LatentNoise(cfg.noise_prob, cfg.noise_max_sigma, cfg.latent_dropout)

@@ -23,7 +23,7 @@ from pidserve.model.network import to_patches
 from pidserve.model.sampler import resolution_shift
 
 from .config import TeacherTrainConfig, config_dict
-from .data import CropSpec, LatentNoise, PhotoCrops, make_loader, per_sample_normal
+from .data import LatentNoise, PhotoCrops, crop_spec, make_loader, per_sample_normal
 from .distributed import (
     DistInfo,
     all_mean,
@@ -107,14 +107,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         step = load_training_state(ckpt, {"net": net}, {"net": (net, opt)}, {"net": ema})["step"]
         log.info("resumed from %s (step %d)", ckpt, step)
 
-    spec = CropSpec(
-        cfg.crop,
-        net_cfg.sr_scale,
-        cfg.short_side,
-        caption_dropout=cfg.caption_dropout,
-        cycle=tuple(cfg.crop_cycle),
-        step_samples=cfg.batch,
-    )
+    spec = crop_spec(cfg, net_cfg.sr_scale, step_samples=cfg.batch)
     dataset = PhotoCrops(cfg.data, spec, cfg.seed)
     batches = make_loader(dataset, cfg.batch, step, info.rank, info.world_size, cfg.workers)
     noise = LatentNoise(cfg.noise_prob, cfg.noise_max_sigma, cfg.latent_dropout)
