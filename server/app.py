@@ -1,0 +1,117 @@
+"""The FastAPI application: routes, error handlers, the request-id/metrics/access-log middleware, lifecycle.
+
+create_app(settings)  ->  FastAPI
+  lifespan: DecodeService.start() (loads + warms up in the background) ... DecodeService.stop() (drains)
+  /v1/decode, /v1/models (v1.py)   /v2/... (kserve.py)   /metrics   /docs, /openapi.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pidserve import __version__
+
+from . import kserve, v1
+from .errors import install_error_handlers
+from .metrics import Metrics
+from .service import DecodeService, EngineFactory
+from .settings import ServerSettings
+
+access_log = logging.getLogger("pidserve.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContext:
+    """Pure ASGI middleware: X-Request-ID on every response, request metrics by route, one access-log line.
+
+    (Pure ASGI rather than BaseHTTPMiddleware so that `request.receive` still reports client disconnects.)
+    """
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.monotonic()
+        status = 500
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.monotonic() - started
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_seconds.labels(route).observe(seconds)
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": route,
+                        "status": status,
+                        "ms": round(seconds * 1e3, 2),
+                        "client": (scope.get("client") or ["?"])[0],
+                    }
+                )
+            )
+
+
+def create_app(
+    settings: ServerSettings | None = None, engine_factory: EngineFactory | None = None
+) -> FastAPI:
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    service = DecodeService(settings, metrics, engine_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="pidserve",
+        version=__version__,
+        description="PiD pixel diffusion decoder: latents in, high-resolution pixels out.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.api_key = settings.resolved_api_key()
+    install_error_handlers(app)
+    app.include_router(v1.router)
+    app.include_router(kserve.router)
+    app.include_router(kserve.models)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        metrics.queue_depth.set(service.batcher.depth if service.batcher else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app

@@ -1,0 +1,227 @@
+"""The dynamic batcher: a bounded queue of single-latent jobs and one worker thread per engine.
+
+Triton's semantics: a worker takes the oldest job, then waits up to `max_delay_s` (counted from that job's
+arrival) for more jobs that can share its batch — same latent shape, steps and text shape — and runs as soon
+as `max_batch` of them are there or the delay is over. Jobs of other shapes wait their turn in arrival order.
+
+    event loop                               worker thread (one per engine/device)
+    submit(jobs) -> 429 when full  ──queue──> next batch -> drop cancelled / expired jobs -> engine.decode
+    await job.future (deadline)    <─futures─ set_result per job | set_exception for the whole failed batch
+
+Nothing here runs on the event loop except `submit`, which only appends under a lock.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pidserve.engines import DecodeBatch, Engine
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue cannot take these jobs; retry after `retry_after` seconds."""
+
+    def __init__(self, depth: int, retry_after: int) -> None:
+        super().__init__(f"the decode queue is full ({depth} latents waiting); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    """The job's deadline passed before it could run."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while decoding this job's batch (other batches are unaffected)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One latent to decode. `future` resolves to a JobResult, or to one of the exceptions above."""
+
+    latent: torch.Tensor  # float32 [C, h, w]
+    sigma: float
+    seed: int
+    text: torch.Tensor | None  # float32 [Lt, text_dim] or None
+    steps: int
+    deadline: float  # time.monotonic() by which the job must have started
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share a batch."""
+        text_shape = None if self.text is None else tuple(self.text.shape)
+        return (tuple(self.latent.shape), self.steps, text_shape)
+
+
+@dataclass
+class JobResult:
+    image: torch.Tensor  # uint8 [H, W, 3]
+    queue_s: float  # enqueue -> batch start
+    compute_s: float  # the batch's engine time
+    batch_size: int
+
+
+@dataclass
+class BatchStats:
+    """What a worker reports per batch (metrics hook)."""
+
+    size: int
+    compute_s: float
+    failed: bool
+
+
+class Batcher:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engines = list(engines)
+        self.max_batch = min([max_batch, *(e.capabilities.max_batch for e in engines)])
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch or (lambda stats: None)
+        self.on_drop = on_drop or (lambda reason: None)
+        self._jobs: list[Job] = []
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._busy = 0
+        self._mean_batch_s = 0.0
+        self._threads = [
+            threading.Thread(target=self._work, args=(engine,), name=f"decode-worker-{i}", daemon=True)
+            for i, engine in enumerate(self.engines)
+        ]
+
+    # ---- event-loop side ----
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue all of `jobs` or none of them (QueueFull, or RuntimeError while shutting down)."""
+        with self._cond:
+            if not self._accepting:
+                raise RuntimeError("the service is shutting down")
+            if len(self._jobs) + len(jobs) > self.max_queue:
+                raise QueueFull(len(self._jobs), self._retry_after())
+            self._jobs.extend(jobs)
+            self._cond.notify_all()
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely drained by one batch per engine (at least 1)."""
+        batches = len(self._jobs) / max(1, self.max_batch * len(self.engines))
+        return max(1, round(batches * self._mean_batch_s + 0.5))
+
+    def stop(self, timeout: float) -> bool:
+        """Stop accepting, let the workers finish every queued job (up to `timeout`), then stop them.
+        Returns True when the queue drained in time; jobs still queued after that are failed."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+        end = time.monotonic() + timeout
+        with self._cond:
+            while (self._jobs or self._busy) and time.monotonic() < end:
+                self._cond.wait(timeout=0.05)
+            drained = not self._jobs
+            left, self._jobs = self._jobs, []
+            self._stopping = True
+            self._cond.notify_all()
+        for job in left:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("the service shut down before this latent ran"))
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, end - time.monotonic()) + 5)
+        return drained
+
+    # ---- worker side ----
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._jobs:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._jobs[0]
+            flush_at = first.enqueued + self.max_delay_s
+            while True:
+                group = [job for job in self._jobs if job.key == first.key][: self.max_batch]
+                wait = flush_at - time.monotonic()
+                if len(group) >= self.max_batch or wait <= 0 or not self._accepting:
+                    break
+                self._cond.wait(timeout=wait)
+            taken = set(map(id, group))
+            self._jobs = [job for job in self._jobs if id(job) not in taken]
+            self._busy += 1
+            return group
+
+    def _work(self, engine: Engine) -> None:
+        while (group := self._next_batch()) is not None:
+            try:
+                self._run(engine, group)
+            except Exception:  # a bug here must not kill the worker: fail the group, keep serving
+                log.exception("decode worker failed outside the engine")
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(EngineFailure("internal error in the decode worker"))
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def _run(self, engine: Engine, group: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in group:
+            if not job.future.set_running_or_notify_cancel():
+                self.on_drop("cancelled")  # the client went away or its deadline passed while queued
+            elif job.deadline < now:
+                job.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it was queued")
+                )
+                self.on_drop("deadline")
+            else:
+                live.append(job)
+        if not live:
+            return
+        batch = DecodeBatch(
+            latents=torch.stack([job.latent for job in live]),
+            sigmas=torch.tensor([job.sigma for job in live], dtype=torch.float32),
+            seeds=torch.tensor([job.seed for job in live], dtype=torch.int64),
+            text=None if live[0].text is None else torch.stack([job.text for job in live]),
+            steps=live[0].steps,
+        )
+        start = time.monotonic()
+        try:
+            result = engine.decode(batch)
+        except Exception as exc:
+            log.exception("engine %s failed on a batch of %d", engine.backend, len(live))
+            self.on_batch(BatchStats(len(live), time.monotonic() - start, failed=True))
+            for job in live:
+                job.future.set_exception(EngineFailure(f"the engine failed on this batch: {exc}"))
+            return
+        compute_s = time.monotonic() - start
+        self._mean_batch_s = (
+            compute_s if not self._mean_batch_s else 0.8 * self._mean_batch_s + 0.2 * compute_s
+        )
+        self.on_batch(BatchStats(len(live), compute_s, failed=False))
+        for job, image in zip(live, result.images, strict=True):
+            job.future.set_result(JobResult(image, start - job.enqueued, compute_s, len(live)))

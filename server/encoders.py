@@ -1,0 +1,89 @@
+"""The output-encoding pool: PNG/JPEG/WebP off the event loop, on every core.
+
+Measured on the 2-core CI machine (bench/RESULTS.md, `pidserve bench codecs`): at 2048² fpng writes a PNG in
+~22 ms where Pillow/zlib level 1 takes ~310 ms and Pillow's default level ~1.6 s; fpng holds the GIL, so
+it runs in worker processes, fed through shared memory (one copy in, the PNG bytes back). JPEG (simplejpeg)
+and Pillow's zlib PNG release the GIL and run in threads. WebP holds the GIL part of the time: processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from . import image_codecs as codecs
+
+log = logging.getLogger(__name__)
+
+
+def _encode_shared(name: str, shape: tuple[int, ...], fmt: str, quality: int) -> bytes:
+    """In a worker process: encode the uint8 image held in shared memory block `name`."""
+    block = shared_memory.SharedMemory(name=name)
+    try:
+        pixels = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
+        try:
+            return codecs.encode_fpng(pixels) if fmt == "png" else codecs.encode_webp(pixels, quality)
+        finally:
+            del pixels  # release the buffer before closing the block
+    finally:
+        block.close()
+
+
+def _warm(_: int) -> int:
+    """Import the codecs in a fresh worker process (so the first request does not pay for it)."""
+    import fpng  # noqa: F401
+    import PIL.Image  # noqa: F401
+
+    return 0
+
+
+class EncoderPool:
+    """`await pool.encode(images, fmt, quality)` -> bytes per image (one for raw/safetensors)."""
+
+    def __init__(self, workers: int, png_encoder: str = "fpng", png_level: int = 1) -> None:
+        self.png_encoder = png_encoder
+        self.png_level = png_level
+        self.threads: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
+        # spawn, not fork: the server process holds threads (torch, the event loop) that fork would copy.
+        self.processes = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        )
+        self.workers = workers
+
+    def warmup(self) -> None:
+        list(self.processes.map(_warm, range(self.workers)))
+
+    async def encode(self, images: np.ndarray, fmt: str, quality: int) -> list[bytes]:
+        """images: uint8 [B, H, W, 3]. raw/safetensors give one bytes for the whole batch."""
+        loop = asyncio.get_running_loop()
+        if fmt in ("raw", "safetensors"):
+            return [await loop.run_in_executor(self.threads, codecs.encode_tensor, images, fmt)]
+        jobs = [self._encode_one(loop, image, fmt, quality) for image in images]
+        return list(await asyncio.gather(*jobs))
+
+    async def _encode_one(self, loop, pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+        if fmt == "jpeg":
+            return await loop.run_in_executor(self.threads, codecs.encode_jpeg, pixels, quality)
+        if fmt == "png" and self.png_encoder == "pillow":
+            return await loop.run_in_executor(self.threads, codecs.encode_pillow_png, pixels, self.png_level)
+        return await self._in_process(loop, pixels, fmt, quality)
+
+    async def _in_process(self, loop, pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+        block = shared_memory.SharedMemory(create=True, size=max(pixels.nbytes, 1))
+        try:
+            np.ndarray(pixels.shape, dtype=np.uint8, buffer=block.buf)[...] = pixels
+            job = partial(_encode_shared, block.name, tuple(pixels.shape), fmt, quality)
+            return await loop.run_in_executor(self.processes, job)
+        finally:
+            block.close()
+            block.unlink()
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=True)
+        self.processes.shutdown(wait=True, cancel_futures=True)

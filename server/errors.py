@@ -1,0 +1,73 @@
+"""One exception for every client-visible failure, and the JSON body it becomes.
+
+/v1 and the rest:  {"error": {"code": "unsupported_media_type", "message": "..."}}
+/v2 (KServe v2):   {"error": "..."}   (the Open Inference Protocol's form, which tritonclient parses)
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    """A request that fails with `status`; `message` says what to fix."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+        self.headers = headers or {}
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def unprocessable(message: str) -> ApiError:
+    return ApiError(422, message, code="invalid_input")
+
+
+def too_large(message: str) -> ApiError:
+    return ApiError(413, message)
+
+
+def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None):
+    body: object = (
+        {"error": message}
+        if request.url.path.startswith("/v2")
+        else {"error": {"code": code, "message": message}}
+    )
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    return error_response(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's parameter validation, said in one line per problem."""
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err.get("loc", ()))
+        problems.append(f"{where}: {err.get('msg', 'invalid')}")
+    return error_response(request, 422, "invalid_input", "; ".join(problems) or "invalid request")
+
+
+def install_error_handlers(app) -> None:
+    app.add_exception_handler(ApiError, handle_api_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)

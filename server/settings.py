@@ -1,0 +1,104 @@
+"""Everything the decode service can be told, in one place: `PIDSERVE_*` variables and `pidserve serve` flags.
+
+The CLI builds a `ServerSettings` from its flags on top of the environment, so the defaults below are the
+only defaults (DESIGN: one source of defaults).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OutputFormat = Literal["png", "jpeg", "webp", "raw", "safetensors"]
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIDSERVE_", extra="forbid")
+
+    # ---- the model and the engine ----
+    checkpoint: str = Field("default", description="'default' (embedded pid-tiny), ours, or official.")
+    variant: str | None = Field(None, description="Preset of an official checkpoint (pidserve info --list).")
+    model_name: str | None = Field(
+        None, description="Name in /v1/models and /v2/models; default: the variant."
+    )
+    backend: str = Field("torch", description="torch | torch-compile | onnxruntime | tensorrt")
+    device: str = "cpu"
+    precision: str = "fp32"
+    engine_dir: Path | None = Field(None, description="ONNX export or TensorRT engine directory.")
+    max_batch: int = Field(4, ge=1, le=64, description="Largest batch the worker runs.")
+    batch_sizes: list[int] | None = Field(
+        None, description="Served batch sizes (partial batches padded); default: every size up to max_batch."
+    )
+    image_sizes: list[str] | None = Field(
+        None, description="Output sizes HEIGHTxWIDTH the engine is built and warmed for (torch-compile)."
+    )
+    text_encoder: str | None = Field(
+        None, description="Gemma-2 text encoder (local directory or hub id) for prompts; none: no prompts."
+    )
+    prompt_cache_size: int = Field(256, ge=0)
+
+    # ---- batching and deadlines (Triton's dynamic batcher semantics) ----
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests.")
+    max_queue_size: int = Field(64, ge=1, description="Queued latents beyond this get 429.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Default and largest per-request deadline.")
+
+    # ---- limits ----
+    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    max_output_pixels: int = Field(4096 * 4096 * 4, ge=1, description="Total output pixels per request.")
+    max_request_latents: int = Field(16, ge=1, description="Latents in one request.")
+
+    # ---- encoding ----
+    encode_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    png_encoder: Literal["fpng", "pillow"] = Field(
+        "fpng", description="fpng (fast, ~10% larger files) or pillow (zlib, png_level)."
+    )
+    png_level: int = Field(1, ge=0, le=9, description="zlib level of the pillow PNG encoder.")
+    default_format: OutputFormat = "png"
+    default_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+
+    # ---- security ----
+    api_key: SecretStr | None = Field(None, description="Require 'Authorization: Bearer <key>'.")
+    api_key_file: Path | None = Field(None, description="A file holding the API key (a mounted secret).")
+
+    # ---- the HTTP server ----
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    graceful_shutdown_s: float = Field(30.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sorted_positive(cls, sizes: list[int] | None) -> list[int] | None:
+        if sizes is not None and (not sizes or min(sizes) < 1):
+            raise ValueError("batch_sizes must be positive integers, e.g. [1, 2, 4]")
+        return None if sizes is None else sorted(set(sizes))
+
+    def parsed_image_sizes(self) -> tuple[tuple[int, int], ...] | None:
+        if not self.image_sizes:
+            return None
+        sizes = []
+        for text in self.image_sizes:
+            try:
+                height, width = (int(v) for v in text.lower().split("x"))
+            except ValueError:
+                raise ValueError(f"image sizes look like 2048x2048 (HEIGHTxWIDTH); got {text!r}") from None
+            sizes.append((height, width))
+        return tuple(sizes)
+
+    def resolved_api_key(self) -> bytes | None:
+        """The API key (variable first, then the secret file), or None when auth is off."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value().encode()
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"could not read the API key file {self.api_key_file}: {exc}") from None
+            if not key:
+                raise ValueError(f"the API key file {self.api_key_file} is empty")
+            return key.encode()
+        return None

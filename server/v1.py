@@ -1,0 +1,171 @@
+"""The native API: POST /v1/decode and GET /v1/models."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from . import codecs
+from .errors import unprocessable
+from .http import check_api_key, disconnect_watcher, read_body, server_timing
+from .image_codecs import MEDIA_TYPES, multipart
+from .service import DecodeRequest, DecodeService
+from .settings import OutputFormat
+
+router = APIRouter(dependencies=[Depends(check_api_key)], tags=["decode"])
+
+_BASE64_LATENT = {
+    "type": "object",
+    "required": ["data", "shape"],
+    "properties": {
+        "data": {"type": "string", "format": "byte", "description": "little-endian tensor bytes, base64"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "example": [1, 16, 8, 8]},
+        "dtype": {"type": "string", "enum": list(codecs.LATENT_DTYPES), "default": "float32"},
+    },
+}
+_NUMBER_OR_LIST = {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}
+_INT_OR_LIST = {"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]}
+DECODE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The latent [B, C, h, w] or [C, h, w] (normalised, as the generator produced it).",
+        "content": {
+            codecs.SAFETENSORS: {
+                "schema": {"type": "string", "format": "binary"},
+                "example": "tensors 'latent', optional 'sigma' [B] and 'seed' [B]",
+            },
+            codecs.NPY: {"schema": {"type": "string", "format": "binary"}},
+            codecs.RAW: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "raw bytes; headers X-Latent-Shape (e.g. 1,16,32,32) and X-Latent-Dtype",
+            },
+            codecs.JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["latent"],
+                    "properties": {"latent": _BASE64_LATENT, "sigma": _NUMBER_OR_LIST, "seed": _INT_OR_LIST},
+                }
+            },
+        },
+    }
+}
+_IMAGE_RESPONSES = {
+    200: {
+        "description": "The image (one latent) or a multipart/mixed of images (a batch); raw and safetensors "
+        "hold uint8 [B, H, W, 3]. Headers: Server-Timing, X-Request-ID, X-Seed, X-Batch-Size.",
+        "content": {media: {} for media in {*MEDIA_TYPES.values(), "multipart/mixed"}},
+    }
+}
+
+
+def _service(request: Request) -> DecodeService:
+    return request.app.state.service
+
+
+@router.post("/v1/decode", openapi_extra=DECODE_BODY, responses=_IMAGE_RESPONSES, response_class=Response)
+async def decode(
+    request: Request,
+    latent_space: Annotated[str | None, Query(description="Checked against the served model's.")] = None,
+    sigma: Annotated[
+        float | None, Query(ge=0, le=1, description="The latent's noise level (0 = clean).")
+    ] = None,
+    seed: Annotated[
+        int | None, Query(ge=0, lt=2**62, description="Noise seed; latent i uses seed + i.")
+    ] = None,
+    steps: Annotated[int, Query(ge=1, le=4, description="Student steps.")] = 4,
+    prompt: Annotated[
+        str | None, Query(max_length=4000, description="Text for text-conditioned models.")
+    ] = None,
+    format: Annotated[OutputFormat | None, Query(description="Output format (default: png).")] = None,
+    quality: Annotated[int | None, Query(ge=1, le=100, description="JPEG/WebP quality.")] = None,
+    timeout: Annotated[float | None, Query(gt=0, le=3600, description="Deadline in seconds.")] = None,
+) -> Response:
+    """Decode a latent (or a small batch) into image(s)."""
+    started = time.monotonic()
+    service = _service(request)
+    info = service.require_ready()
+    settings = service.settings
+    if latent_space is not None and latent_space != info.latent_space:
+        raise unprocessable(
+            f"this server decodes '{info.latent_space}' latents ({info.name}); "
+            f"got latent_space={latent_space!r}"
+        )
+    body = await read_body(request, settings.max_body_bytes)
+    payload = codecs.read_latent_body(request.headers.get("content-type"), body, request.headers)
+    if payload.sigma is not None and sigma is not None:
+        raise unprocessable("sigma is given both in the body and in the query; give it once")
+    if payload.seed is not None and seed is not None:
+        raise unprocessable("seed is given both in the body and in the query; give it once")
+    outcome = await service.decode(
+        DecodeRequest(
+            latents=payload.latent,
+            sigmas=payload.sigma if payload.sigma is not None else sigma,
+            seeds=payload.seed if payload.seed is not None else seed,
+            steps=steps,
+            prompt=prompt,
+            timeout_s=timeout,
+        ),
+        disconnected=disconnect_watcher(request),
+    )
+    fmt = format or settings.default_format
+    encode_start = time.monotonic()
+    encoded = await service.encoders.encode(outcome.images, fmt, quality or settings.default_quality)
+    encode_s = time.monotonic() - encode_start
+    service.metrics.encode_seconds.labels(fmt).observe(encode_s)
+    headers = {
+        "Server-Timing": server_timing(
+            {**outcome.timings, "encode": encode_s, "total": time.monotonic() - started}
+        ),
+        "X-Seed": ",".join(map(str, outcome.seeds)),
+        "X-Batch-Size": ",".join(map(str, outcome.batch_sizes)),
+    }
+    if fmt in ("raw", "safetensors"):
+        headers["X-Image-Shape"] = ",".join(map(str, outcome.images.shape))
+        headers["X-Image-Dtype"] = "uint8"
+        return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
+    if len(encoded) == 1:
+        return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
+    content, content_type = multipart(encoded, MEDIA_TYPES[fmt])
+    return Response(content, media_type=content_type, headers=headers)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    """What is loaded, on which backend, and the service's limits."""
+    service = _service(request)
+    settings = service.settings
+    info = service.info
+    return {
+        "models": [
+            {
+                "name": service.name,
+                "state": service.state,
+                **(
+                    {}
+                    if info is None
+                    else {
+                        "latent_space": info.latent_space,
+                        "latent_channels": info.latent_channels,
+                        "output_scale": info.output_scale,
+                        "backend": info.backend,
+                        "device": info.device,
+                        "precision": info.precision,
+                        "max_batch": info.max_batch,
+                        "steps": list(info.steps),
+                        "prompts": info.prompts,
+                    }
+                ),
+            }
+        ],
+        "limits": {
+            "max_body_bytes": settings.max_body_bytes,
+            "max_output_pixels": settings.max_output_pixels,
+            "max_request_latents": settings.max_request_latents,
+            "max_queue_size": settings.max_queue_size,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+        "formats": list(MEDIA_TYPES),
+        "input_media_types": list(codecs.INPUT_MEDIA_TYPES),
+    }
