@@ -36,7 +36,7 @@ class FaultyEngine(Engine):
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()  # set when a gated batch starts waiting
-        self.batches: list[int] = []
+        self.seen_seeds: list[int] = []  # seeds of every batch that reached the real engine
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -49,7 +49,7 @@ class FaultyEngine(Engine):
             self.gate.wait(timeout=30)
         if POISON_SEED in seeds:
             raise RuntimeError("injected engine failure")
-        self.batches.append(batch.size)
+        self.seen_seeds.extend(seeds)
         return self.inner.decode(batch)
 
 
