@@ -114,4 +114,24 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestContext, metrics=metrics)
+    app.openapi = lambda: _openapi_with_model_name(app, service.name)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_with_model_name(app: FastAPI, name: str) -> dict:
+    """The generated schema, with the v2 {name} and {version} path parameters pinned to what is served."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for path in schema["paths"].values():
+            for operation in path.values():
+                for param in operation.get("parameters", []):
+                    if param["in"] == "path" and param["name"] == "name":
+                        param["schema"] = {"type": "string", "enum": [name]}
+                    elif param["in"] == "path" and param["name"] == "version":
+                        param["schema"] = {"type": "string", "enum": [kserve.VERSION]}
+        app.openapi_schema = schema
+    return app.openapi_schema

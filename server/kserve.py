@@ -44,8 +44,10 @@ def _service(request: Request) -> DecodeService:
     return request.app.state.service
 
 
-def _model(request: Request, name: str, version: str | None) -> DecodeService:
+def _model(request: Request, name: str) -> DecodeService:
+    """The served model, if `name` (and the optional {version} path segment) names it; else 404."""
     service = _service(request)
+    version = request.path_params.get("version")
     if name != service.name or (version not in (None, "", VERSION)):
         which = name if version in (None, "") else f"{name} version {version}"
         raise ApiError(404, f"unknown model '{which}'; this server serves '{service.name}' version {VERSION}")
@@ -70,15 +72,13 @@ async def ready(request: Request) -> Response:
 
 
 @models.get("/v2/models/{name}/ready")
-@models.get("/v2/models/{name}/versions/{version}/ready")
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
-    return Response(status_code=200 if _model(request, name, version).ready else 503)
+async def model_ready(request: Request, name: str) -> Response:
+    return Response(status_code=200 if _model(request, name).ready else 503)
 
 
 @models.get("/v2/models/{name}")
-@models.get("/v2/models/{name}/versions/{version}")
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    service = _model(request, name, version)
+async def model_metadata(request: Request, name: str) -> dict:
+    service = _model(request, name)
     info = service.require_ready()
     return {
         "name": service.name,
@@ -93,11 +93,49 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     }
 
 
-@models.post("/v2/models/{name}/infer")
-@models.post("/v2/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "enum": list(ACCEPTED)},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 64}},
+        "datatype": {"type": "string", "enum": sorted({t for types in ACCEPTED.values() for t in types})},
+        "data": {"type": "array", "items": {"type": "number"}},
+        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}},
+    },
+}
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "steps": {"type": "integer"},
+                                "prompt": {"type": "string"},
+                                "timeout": {"type": "integer"},
+                            },
+                        },
+                        "inputs": {"type": "array", "items": _TENSOR, "maxItems": 3},
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@models.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
+async def infer(request: Request, name: str) -> Response:
     started = time.monotonic()
-    service = _model(request, name, version)
+    service = _model(request, name)
     service.require_ready()
     body = await read_body(request, service.settings.max_body_bytes)
     document, binary = _split(body, request.headers.get(HEADER_LENGTH))
@@ -134,6 +172,22 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     head = json.dumps(response).encode()
     headers[HEADER_LENGTH] = str(len(head))
     return Response(head + raw, media_type="application/octet-stream", headers=headers)
+
+
+# The same routes with an explicit version (only VERSION exists; `_model` checks the path segment).
+@models.get("/v2/models/{name}/versions/{version}/ready")
+async def versioned_model_ready(request: Request, name: str, version: str) -> Response:
+    return await model_ready(request, name)
+
+
+@models.get("/v2/models/{name}/versions/{version}")
+async def versioned_model_metadata(request: Request, name: str, version: str) -> dict:
+    return await model_metadata(request, name)
+
+
+@models.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
+async def versioned_infer(request: Request, name: str, version: str) -> Response:
+    return await infer(request, name)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:

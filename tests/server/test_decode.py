@@ -52,7 +52,10 @@ def _bodies(x: torch.Tensor, sigma: float, seed: int) -> dict[str, tuple[dict, b
             {"format": "raw"},
             json.dumps(
                 {
-                    "latent": {"data": base64.b64encode(array.tobytes()).decode(), "shape": list(array.shape)},
+                    "latent": {
+                        "data": base64.b64encode(array.tobytes()).decode(),
+                        "shape": list(array.shape),
+                    },
                     "sigma": sigma,
                     "seed": seed,
                 }
@@ -148,9 +151,7 @@ def test_sixteen_concurrent_requests_are_batched_and_correct(server, reference_e
 
     async def run() -> list:
         async with AsyncClient(server.url) as client:
-            return await asyncio.gather(
-                *(client.decode(x, seed=i, format="raw") for i, x in enumerate(xs))
-            )
+            return await asyncio.gather(*(client.decode(x, seed=i, format="raw") for i, x in enumerate(xs)))
 
     results = asyncio.run(run())
     for i, (x, result) in enumerate(zip(xs, results, strict=True)):

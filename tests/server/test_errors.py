@@ -39,7 +39,13 @@ BAD_REQUESTS = {
     "body too large": ({}, b"\0" * (2 << 20), ST, 413, "limit"),
     "too many output pixels": ({}, _st(latent=latent(size=10)), ST, 413, "pixels"),
     "too many latents": ({}, _st(latent=latent(batch=5)), ST, 413, "split"),
-    "unsupported content type": ({}, b"hello", {"Content-Type": "text/plain"}, 415, "application/x-safetensors"),
+    "unsupported content type": (
+        {},
+        b"hello",
+        {"Content-Type": "text/plain"},
+        415,
+        "application/x-safetensors",
+    ),
     "no content type": ({}, b"hello", {}, 415, "Content-Type"),
     "empty body": ({}, b"", ST, 400, "empty"),
     "broken safetensors": ({}, b"\x10\0\0\0\0\0\0\0{not json}xxxxxxx", ST, 400, "safetensors"),
@@ -47,7 +53,13 @@ BAD_REQUESTS = {
     "wrong channels": ({}, _st(latent=torch.randn(1, 4, 2, 2)), ST, 422, "16 channels"),
     "wrong rank": ({}, _st(latent=torch.randn(16, 2)), ST, 422, "[B, C, h, w]"),
     "integer latent": ({}, _st(latent=torch.ones(1, 16, 2, 2, dtype=torch.int32)), ST, 422, "float"),
-    "non-finite latent": ({}, _st(latent=latent().index_fill(2, torch.tensor([0]), float("nan"))), ST, 422, "NaN"),
+    "non-finite latent": (
+        {},
+        _st(latent=latent().index_fill(2, torch.tensor([0]), float("nan"))),
+        ST,
+        422,
+        "NaN",
+    ),
     "sigma out of range (query)": ({"sigma": 1.5}, _st(latent=latent()), ST, 422, "sigma"),
     "sigma out of range (body)": ({}, _st(latent=latent(), sigma=torch.tensor([2.0])), ST, 422, "[0, 1]"),
     "sigma twice": ({"sigma": 0.1}, _st(latent=latent(), sigma=torch.tensor([0.1])), ST, 422, "once"),
@@ -57,9 +69,27 @@ BAD_REQUESTS = {
     "format": ({"format": "gif"}, _st(latent=latent()), ST, 422, "format"),
     "latent space": ({"latent_space": "flux"}, _st(latent=latent()), ST, 422, "tiny-ae"),
     "prompt without text encoder": ({"prompt": "a cat"}, _st(latent=latent()), ST, 422, "omit 'prompt'"),
-    "pickled npy": ({}, _npy(np.array([Evil()], dtype=object)), {"Content-Type": "application/x-npy"}, 400, "pickle"),
-    "integer npy": ({}, _npy(np.ones((1, 16, 2, 2), np.int64)), {"Content-Type": "application/x-npy"}, 422, "float"),
-    "raw without shape": ({}, b"\0" * 256, {"Content-Type": "application/octet-stream"}, 400, "X-Latent-Shape"),
+    "pickled npy": (
+        {},
+        _npy(np.array([Evil()], dtype=object)),
+        {"Content-Type": "application/x-npy"},
+        400,
+        "pickle",
+    ),
+    "integer npy": (
+        {},
+        _npy(np.ones((1, 16, 2, 2), np.int64)),
+        {"Content-Type": "application/x-npy"},
+        422,
+        "float",
+    ),
+    "raw without shape": (
+        {},
+        b"\0" * 256,
+        {"Content-Type": "application/octet-stream"},
+        400,
+        "X-Latent-Shape",
+    ),
     "raw size mismatch": (
         {},
         b"\0" * 100,
@@ -83,8 +113,20 @@ BAD_REQUESTS = {
         400,
         "base64",
     ),
-    "json ragged lists": ({}, b'{"latent": [[1, 2], [3]]}', {"Content-Type": "application/json"}, 422, "rectangular"),
-    "json odd field": ({}, b'{"latent": [[[0.0]]], "steps": 3}', {"Content-Type": "application/json"}, 422, "allowed"),
+    "json ragged lists": (
+        {},
+        b'{"latent": [[1, 2], [3]]}',
+        {"Content-Type": "application/json"},
+        422,
+        "rectangular",
+    ),
+    "json odd field": (
+        {},
+        b'{"latent": [[[0.0]]], "steps": 3}',
+        {"Content-Type": "application/json"},
+        422,
+        "allowed",
+    ),
     "gzip bomb-ish": ({}, b"not gzip", {**ST, "Content-Encoding": "gzip"}, 400, "gzip"),
     "unknown encoding": ({}, b"x", {**ST, "Content-Encoding": "br"}, 415, "gzip"),
 }
@@ -104,7 +146,7 @@ def test_bad_input_gets_a_clear_error(server, name) -> None:
 
 
 def test_never_unpickles(server, capfd) -> None:
-    params, body, headers, _, _ = BAD_REQUESTS["pickled npy"]
+    _, body, headers, _, _ = BAD_REQUESTS["pickled npy"]
     httpx.post(f"{server.url}/v1/decode", content=body, headers=headers)
     assert "unpickled!" not in capfd.readouterr().out
     assert pickle.dumps(Evil())  # the payload really is a live pickle

@@ -35,6 +35,8 @@ def test_health_and_metadata(client) -> None:
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.is_model_ready(MODEL)
+    assert client.is_model_ready(MODEL, "1")
+    assert not client.is_model_ready(MODEL, "2")
     assert client.get_server_metadata()["name"] == "pidserve"
     meta = client.get_model_metadata(MODEL)
     assert meta["name"] == MODEL
@@ -51,6 +53,7 @@ def test_infer_round_trip_equals_the_engine(client, reference_engine, binary) ->
         _inputs(x, sigma, seed, binary),
         outputs=[httpclient.InferRequestedOutput("image", binary_data=binary)],
         request_id="abc",
+        model_version="1",
     )
     image = result.as_numpy("image")
     assert image.dtype == np.uint8 and image.shape == (1, 64, 64, 3)
@@ -90,13 +93,33 @@ def test_errors_reach_tritonclient_with_their_message(client, server) -> None:
 @pytest.mark.parametrize(
     "body, headers, words",
     [
-        ({"inputs": [{"name": "latent", "shape": [1, 16, 2, 2], "datatype": "INT8", "data": [0]}]}, {}, "FP32"),
-        ({"inputs": [{"name": "latent", "shape": [1, 16, 2, 2], "datatype": "FP32", "data": [0.0]}]}, {}, "values"),
-        ({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [0.0]}]}, {}, "unknown input"),
+        (
+            {"inputs": [{"name": "latent", "shape": [1, 16, 2, 2], "datatype": "INT8", "data": [0]}]},
+            {},
+            "FP32",
+        ),
+        (
+            {"inputs": [{"name": "latent", "shape": [1, 16, 2, 2], "datatype": "FP32", "data": [0.0]}]},
+            {},
+            "values",
+        ),
+        (
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [0.0]}]},
+            {},
+            "unknown input",
+        ),
         ({"inputs": []}, {}, "'latent'"),
         (
-            {"inputs": [{"name": "latent", "shape": [1, 16, 2, 2], "datatype": "FP32",
-                         "parameters": {"binary_data_size": 256}}]},
+            {
+                "inputs": [
+                    {
+                        "name": "latent",
+                        "shape": [1, 16, 2, 2],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 256},
+                    }
+                ]
+            },
             {},
             "binary_data_size",
         ),

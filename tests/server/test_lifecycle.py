@@ -99,7 +99,10 @@ def test_failure_does_not_touch_other_batches(server) -> None:
     async def run():
         async with AsyncClient(server.url) as client:
             return await asyncio.gather(
-                *(client.decode(latent(size=s), seed=POISON_SEED if s == 4 else 1, format="raw") for s in (2, 4, 6)),
+                *(
+                    client.decode(latent(size=s), seed=POISON_SEED if s == 4 else 1, format="raw")
+                    for s in (2, 4, 6)
+                ),
                 return_exceptions=True,
             )
 
@@ -164,9 +167,14 @@ def test_api_key(tmp_path) -> None:
     secret.write_text("s3cret\n")
     with live_server(api_key_file=secret) as live:
         assert _post(live.url, 1).status_code == 401
-        wrong = httpx.post(f"{live.url}/v1/decode", headers={**ST, "Authorization": "Bearer nope"}, content=b"x")
+        wrong = httpx.post(
+            f"{live.url}/v1/decode", headers={**ST, "Authorization": "Bearer nope"}, content=b"x"
+        )
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
-        assert httpx.get(f"{live.url}/v2/models/pid-tiny", headers={"Authorization": "Bearer x"}).status_code == 401
+        assert (
+            httpx.get(f"{live.url}/v2/models/pid-tiny", headers={"Authorization": "Bearer x"}).status_code
+            == 401
+        )
         assert httpx.get(f"{live.url}/v2/health/ready").status_code == 200  # probes need no key
         with Client(live.url, api_key="s3cret") as client:
             assert client.decode(latent(), seed=1).seeds == [1]
