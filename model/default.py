@@ -47,7 +47,7 @@ def load_default_autoencoder(device: str | torch.device = "cpu") -> TinyAutoenco
 @torch.no_grad()
 def encode_image(ae: TinyAutoencoder, image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB [H, W, 3] (H, W multiples of 8) -> normalised "tiny-ae" latent [1, 16, H/8, W/8]."""
-    pixels = torch.as_tensor(np.asarray(image))
+    pixels = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, copy=True))
     if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ValueError(f"expected a uint8 RGB image [H, W, 3]; got {pixels.dtype} {list(pixels.shape)}")
     x = pixels.permute(2, 0, 1)[None].float().div(127.5).sub(1.0)

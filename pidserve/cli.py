@@ -254,8 +254,17 @@ def decode(
         float | None, typer.Option(help="The latent's noise level in [0, 1] (default: file or 0).")
     ] = None,
     steps: Annotated[int, typer.Option(help="Student steps, 1-4.")] = 4,
+    url: Annotated[
+        str | None, typer.Option(help="Decode on a running server (pidserve serve) instead of locally.")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="The server's API key (--url).", envvar="PIDSERVE_CLIENT_API_KEY")
+    ] = None,
 ) -> None:
     """Decode a latent file (or an image, via tiny-ae) to PNG; same backend and --seed, same pixels."""
+    if url is not None:
+        _decode_remote(latent_file, url, api_key, output, seed, sigma, steps)
+        return
     import torch
     from PIL import Image
 
@@ -305,6 +314,42 @@ def decode(
     typer.echo(
         f"wrote {', '.join(map(str, paths))} ({size[0]}x{size[1]}, backend {engine.backend}; {timings})"
     )
+
+
+def _decode_remote(
+    path: Path, url: str, api_key: str | None, output: Path, seed: int, sigma: float | None, steps: int
+) -> None:
+    """`pidserve decode --url`: send the latent (images: encoded here with tiny-ae) to a server."""
+    import httpx
+
+    from pidserve.client import Client, ServerError
+
+    with Client(url, api_key=api_key) as client:
+        try:
+            served = client.models()["models"][0]
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                if not path.is_file():
+                    raise _fail(f"{path} does not exist")
+                if served.get("latent_space") != "tiny-ae":
+                    raise _fail(
+                        f"the server decodes '{served.get('latent_space')}' latents; images can only be sent to "
+                        "a tiny-ae model: encode the image with that model's VAE and send the latent file"
+                    )
+                from pidserve.model.default import load_default_decoder
+
+                latent, file_sigma = _encode_image_file(path, "default", load_default_decoder()), None
+            else:
+                latent, file_sigma = _read_latent(path)
+            chosen_sigma = sigma if sigma is not None else file_sigma
+            result = client.decode(latent, sigma=chosen_sigma, seed=seed, steps=steps)
+        except ServerError as exc:
+            raise _fail(f"the server refused the request: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise _fail(f"could not reach {url}: {exc}") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    paths = result.save(output)
+    timings = ", ".join(f"{k} {v:.1f} ms" for k, v in result.timings_ms.items())
+    typer.echo(f"wrote {', '.join(map(str, paths))} (server {url}, request {result.request_id}; {timings})")
 
 
 @app.command()
