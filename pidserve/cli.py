@@ -332,8 +332,8 @@ def _decode_remote(
                     raise _fail(f"{path} does not exist")
                 if served.get("latent_space") != "tiny-ae":
                     raise _fail(
-                        f"the server decodes '{served.get('latent_space')}' latents; images can only be sent to "
-                        "a tiny-ae model: encode the image with that model's VAE and send the latent file"
+                        f"the server decodes '{served.get('latent_space')}' latents; images can only be sent "
+                        "to a tiny-ae model: encode the image with that model's VAE and send the latent file"
                     )
                 from pidserve.model.default import load_default_decoder
 

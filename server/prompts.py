@@ -25,15 +25,19 @@ class PromptEncoder:
         self._lock = threading.Lock()  # the encoder and its cache are not thread-safe
 
     @classmethod
-    def load(cls, source: str | None, *, device: str, cache_size: int, model_name: str) -> PromptEncoder:
+    def load(
+        cls, source: str | None, *, device: str, cache_size: int, max_tokens: int, model_name: str
+    ) -> PromptEncoder:
+        """`max_tokens`: the network's text length (the official models: 300)."""
         if source is None:
             return cls(None, model_name=model_name)
         from pidserve.model.text import TextEncoder
 
         log.info("loading text encoder %s on %s", source, device)
-        return cls(
-            TextEncoder.from_pretrained(source, device=device, cache_size=cache_size), model_name=model_name
+        encoder = TextEncoder.from_pretrained(
+            source, device=device, cache_size=cache_size, max_tokens=max_tokens
         )
+        return cls(encoder, model_name=model_name)
 
     @property
     def enabled(self) -> bool:

@@ -164,6 +164,7 @@ class DecodeService:
                 self.settings.text_encoder,
                 device=self.settings.device,
                 cache_size=self.settings.prompt_cache_size,
+                max_tokens=net.cfg.text_max_length,
                 model_name=self.name,
             )
             log.info(

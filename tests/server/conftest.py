@@ -37,6 +37,7 @@ class FaultyEngine(Engine):
         self.gate.set()
         self.entered = threading.Event()  # set when a gated batch starts waiting
         self.seen_seeds: list[int] = []  # seeds of every batch that reached the real engine
+        self.seen_text: list[torch.Tensor | None] = []  # and its text embeddings
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -50,6 +51,7 @@ class FaultyEngine(Engine):
         if POISON_SEED in seeds:
             raise RuntimeError("injected engine failure")
         self.seen_seeds.extend(seeds)
+        self.seen_text.append(batch.text)
         return self.inner.decode(batch)
 
 

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
