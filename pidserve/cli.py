@@ -554,6 +554,35 @@ def bench_engine(
         write_json(json_out, rows, "pidserve " + " ".join(sys.argv[1:]))
 
 
+@bench_app.command("codecs")
+def bench_codecs(
+    image: Annotated[
+        Path, typer.Option(help="A photograph (default: a held-out photo from `pidserve data photos`).")
+    ] = Path("data/photos/holdout/mate-LadyBird.jpg"),
+    sizes: Annotated[str, typer.Option(help="Comma-separated square sizes.")] = "2048,4096",
+    repeat: Annotated[int, typer.Option(help="Timed encodes per codec and size.")] = 5,
+    workers: Annotated[int, typer.Option(help="Encoder processes for the server-path row.")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+) -> None:
+    """Time PNG/JPEG/WebP encoders at serving sizes, and whether they hold the GIL; Markdown table."""
+    from pidserve.bench.codecs import as_dicts, markdown_table, time_codecs, time_server_pool
+
+    if not image.is_file():
+        raise _fail(f"{image} does not exist: run `pidserve data photos` or pass --image PATH")
+    try:
+        side = [int(s) for s in sizes.split(",")]
+    except ValueError:
+        raise _fail(f"--sizes must be comma-separated integers, got {sizes!r}") from None
+    rows = time_codecs(image, side, repeat)
+    pool = time_server_pool(image, side, repeat, workers)
+    typer.echo(markdown_table(rows))
+    typer.echo("")
+    for row in pool:
+        typer.echo(f"{row['path']} at {row['size']}²: {row['ms_median']:.1f} ms per image (round trip)")
+    if json_out is not None:
+        json_out.write_text(json.dumps({"codecs": as_dicts(rows), "server_pool": pool}, indent=2))
+
+
 @bench_app.command("quality")
 def bench_quality(
     photos: Annotated[Path, typer.Option(help="Held-out photo folder.")] = Path("data/photos/holdout"),
