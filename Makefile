@@ -7,6 +7,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # Extra pip arguments for torch only, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
+# Extra `pidserve serve` flags, e.g. SERVE_ARGS="--port 9000 --host 0.0.0.0" (or PIDSERVE_* variables)
+SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pidserve-installed
 
@@ -31,10 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 serve: $(STAMP)
-	@echo "make serve: the decode service (server/) is not built yet (the embedded default model is: try" >&2
-	@echo "'.venv/bin/pidserve decode photo.png')." >&2
-	@echo "see README.md, 'Status'. Nothing was started." >&2
-	@exit 1
+	$(BIN)/pidserve serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,9 +1,10 @@
 """The output-encoding pool: PNG/JPEG/WebP off the event loop, on every core.
 
-Measured on the 2-core CI machine (bench/RESULTS.md, `pidserve bench codecs`): at 2048² fpng writes a PNG in
-~22 ms where Pillow/zlib level 1 takes ~310 ms and Pillow's default level ~1.6 s; fpng holds the GIL, so
-it runs in worker processes, fed through shared memory (one copy in, the PNG bytes back). JPEG (simplejpeg)
-and Pillow's zlib PNG release the GIL and run in threads. WebP holds the GIL part of the time: processes.
+Measured on the 2-core development machine (bench/RESULTS.md, `pidserve bench codecs`): at 2048² fpng
+writes a PNG in ~18 ms where Pillow/zlib level 1 takes ~270 ms and Pillow's default level ~1.5 s. fpng
+holds the GIL (two threads run no faster than one), so it runs in worker processes, fed through shared
+memory (one copy in, the PNG bytes back). JPEG (simplejpeg), WebP (Pillow, method 0) and Pillow's zlib
+PNG release the GIL (two threads ~1.5-2x one) and run in threads.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from . import image_codecs as codecs
 log = logging.getLogger(__name__)
 
 
-def _encode_shared(name: str, shape: tuple[int, ...], fmt: str, quality: int) -> bytes:
-    """In a worker process: encode the uint8 image held in shared memory block `name`."""
+def _encode_shared(name: str, shape: tuple[int, ...]) -> bytes:
+    """In a worker process: fpng-encode the uint8 image held in shared memory block `name`."""
     block = shared_memory.SharedMemory(name=name)
     try:
         pixels = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
         try:
-            return codecs.encode_fpng(pixels) if fmt == "png" else codecs.encode_webp(pixels, quality)
+            return codecs.encode_fpng(pixels)
         finally:
             del pixels  # release the buffer before closing the block
     finally:
@@ -57,7 +58,9 @@ class EncoderPool:
         self.workers = workers
 
     def warmup(self) -> None:
-        list(self.processes.map(_warm, range(self.workers)))
+        """Start the fpng processes now (ProcessPoolExecutor starts them on first use otherwise)."""
+        if self.png_encoder == "fpng":
+            list(self.processes.map(_warm, range(self.workers)))
 
     async def encode(self, images: np.ndarray, fmt: str, quality: int) -> list[bytes]:
         """images: uint8 [B, H, W, 3]. raw/safetensors give one bytes for the whole batch."""
@@ -70,15 +73,17 @@ class EncoderPool:
     async def _encode_one(self, loop, pixels: np.ndarray, fmt: str, quality: int) -> bytes:
         if fmt == "jpeg":
             return await loop.run_in_executor(self.threads, codecs.encode_jpeg, pixels, quality)
-        if fmt == "png" and self.png_encoder == "pillow":
+        if fmt == "webp":
+            return await loop.run_in_executor(self.threads, codecs.encode_webp, pixels, quality)
+        if self.png_encoder == "pillow":
             return await loop.run_in_executor(self.threads, codecs.encode_pillow_png, pixels, self.png_level)
-        return await self._in_process(loop, pixels, fmt, quality)
+        return await self._fpng_in_process(loop, pixels)
 
-    async def _in_process(self, loop, pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    async def _fpng_in_process(self, loop, pixels: np.ndarray) -> bytes:
         block = shared_memory.SharedMemory(create=True, size=max(pixels.nbytes, 1))
         try:
             np.ndarray(pixels.shape, dtype=np.uint8, buffer=block.buf)[...] = pixels
-            job = partial(_encode_shared, block.name, tuple(pixels.shape), fmt, quality)
+            job = partial(_encode_shared, block.name, tuple(pixels.shape))
             return await loop.run_in_executor(self.processes, job)
         finally:
             block.close()

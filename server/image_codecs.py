@@ -45,7 +45,7 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
 
 
 def encode_webp(pixels: np.ndarray, quality: int) -> bytes:
-    """WebP via Pillow/libwebp at its fastest method (0); holds the GIL part of the time."""
+    """WebP via Pillow/libwebp at its fastest method (0); releases the GIL while encoding."""
     from PIL import Image
 
     out = io.BytesIO()

@@ -205,3 +205,31 @@ def test_access_log_carries_the_request_id(server, caplog) -> None:
         response = httpx.get(f"{server.url}/v1/models", headers={"X-Request-ID": "trace-42"})
     assert response.headers["x-request-id"] == "trace-42"
     assert any('"request_id": "trace-42"' in r.getMessage() for r in caplog.records)
+
+
+def test_work_of_a_client_that_went_away_is_dropped(gated) -> None:
+    holder, held = _hold_worker(gated)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        _post_with_client_timeout(gated.url, seed=12, client_timeout=0.5)
+    deadline = time.monotonic() + 10
+    while not _dropped(gated.url) and time.monotonic() < deadline:
+        gated.engine.gate.set()  # let the worker reach the queued job, which must be skipped
+        time.sleep(0.05)
+    holder.join(timeout=30)
+    assert held[0].status_code == 200
+    assert _dropped(gated.url) == 1
+    assert 12 not in gated.engine.seen_seeds
+
+
+def _post_with_client_timeout(url: str, seed: int, client_timeout: float) -> httpx.Response:
+    body = save_safetensors({"latent": latent()})
+    return httpx.post(
+        f"{url}/v1/decode", params={"seed": seed}, content=body, headers=ST, timeout=client_timeout
+    )
+
+
+def _dropped(url: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name == "pidserve_dropped":
+            return sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return 0.0
