@@ -233,3 +233,59 @@ def _dropped(url: str) -> float:
         if family.name == "pidserve_dropped":
             return sum(s.value for s in family.samples if s.name.endswith("_total"))
     return 0.0
+
+
+class _FakeNvml:
+    """Stands in for pynvml's device queries (there is no GPU here); values as NVML reports them."""
+
+    class _Util:
+        gpu = 73
+
+    class _Memory:
+        used, total = 30 * 2**30, 80 * 2**30
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int):
+        return self._Util()
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int):
+        return self._Memory()
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        return 350_000  # milliwatts
+
+
+def test_gpu_series_when_nvml_has_gpus() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pidserve.server.metrics import NvmlCollector
+
+    registry = CollectorRegistry()
+    registry.register(NvmlCollector(_FakeNvml()))
+    samples = {
+        (s.name, s.labels["gpu"]): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert samples[("pidserve_gpu_utilization_ratio", "1")] == pytest.approx(0.73)
+    assert samples[("pidserve_gpu_memory_used_bytes", "0")] == 30 * 2**30
+    assert samples[("pidserve_gpu_memory_total_bytes", "0")] == 80 * 2**30
+    assert samples[("pidserve_gpu_power_watts", "1")] == 350.0
+
+
+def test_api_key_from_the_environment(monkeypatch, tmp_path) -> None:
+    from pidserve.server import ServerSettings
+
+    monkeypatch.setenv("PIDSERVE_API_KEY", "from-env")
+    assert ServerSettings().resolved_api_key() == b"from-env"
+    monkeypatch.delenv("PIDSERVE_API_KEY")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        ServerSettings(api_key_file=empty).resolved_api_key()
+    assert ServerSettings().resolved_api_key() is None
