@@ -64,7 +64,10 @@ class RequestContext:
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(seconds)
-            access_log.info(
+            # Probes and scrapes arrive every few seconds: keep them out of the INFO log.
+            quiet = route.startswith("/v2/health") or route == "/metrics"
+            access_log.log(
+                logging.DEBUG if quiet and status < 400 else logging.INFO,
                 json.dumps(
                     {
                         "request_id": request_id,
@@ -75,7 +78,7 @@ class RequestContext:
                         "ms": round(seconds * 1e3, 2),
                         "client": (scope.get("client") or ["?"])[0],
                     }
-                )
+                ),
             )
 
 
