@@ -250,3 +250,40 @@ def check_compatible(
         + "; ".join(problems)
         + f". Rebuild it{note}:\n  {command}"
     )
+
+
+def stale_reasons(
+    directory: str | Path,
+    *,
+    model_sha256: str,
+    precision: str,
+    gpu_class: str,
+    profile: ShapeProfile,
+    gpu_name: str,
+    compute_capability: ComputeCapability,
+    trt_version: str,
+) -> list[str]:
+    """Why the engines in `directory` do not match this build request (empty: they are current).
+
+    What `pidserve build --if-stale` asks before a long build, e.g. in a Kubernetes init container
+    on a shared engine cache: same checkpoint bytes, precision, GPU class and shape profile, and
+    plans this GPU and TensorRT can run.
+    """
+    try:
+        manifest = read_manifest(directory)
+    except EngineConfigError as exc:
+        return [str(exc)]
+    reasons = []
+    if manifest.model_sha256 != model_sha256:
+        reasons.append("built from another checkpoint (model SHA-256 differs)")
+    if manifest.precision != precision:
+        reasons.append(f"built in {manifest.precision}, {precision} asked")
+    if manifest.gpu_class != gpu_class:
+        reasons.append(f"built for GPU class {manifest.gpu_class}, {gpu_class} asked")
+    if profile_to_dict(profile) not in manifest.profiles:
+        reasons.append(f"no profile {profile.tag} with batch sizes {list(profile.batch_sizes)}")
+    try:
+        check_compatible(manifest, gpu_name, compute_capability, trt_version, directory)
+    except EngineConfigError as exc:
+        reasons.append(str(exc).split(". Rebuild it")[0])
+    return reasons

@@ -379,6 +379,7 @@ def serve(
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the API key.")] = None,
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Also serve /metrics on this port.")] = None,
 ) -> None:
     """Start the decode service (flags override PIDSERVE_* variables; see docs/serving.md)."""
     from pydantic import ValidationError
@@ -391,7 +392,7 @@ def serve(
         "batch_sizes": batch_size or None, "image_sizes": image_size or None, "text_encoder": text_encoder,
         "max_queue_delay_ms": max_queue_delay_ms, "max_queue_size": max_queue_size,
         "request_timeout_s": request_timeout_s, "encode_workers": encode_workers, "png_encoder": png_encoder,
-        "api_key_file": api_key_file, "host": host, "port": port,
+        "api_key_file": api_key_file, "host": host, "port": port, "metrics_port": metrics_port,
     }  # fmt: skip
     try:
         settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
@@ -446,6 +447,9 @@ def build(
         bool, typer.Option(help="fp8: calibrate on random latents (worse quality; explicit opt-in).")
     ] = False,
     timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache file.")] = None,
+    if_stale: Annotated[
+        bool, typer.Option(help="Skip the build when OUTPUT's manifest matches (init containers).")
+    ] = False,
 ) -> None:
     """Build TensorRT engines (condition.plan, step.plan, manifest.json) for one GPU class.
 
@@ -459,13 +463,34 @@ def build(
     try:
         target = get_gpu_class(gpu_class)
         check_precision(precision, target.compute_capability, f"the {target.name} class")
-        require_tensorrt()  # fail before a long export, not after
+        trt_version = require_tensorrt()  # fail before a long export, not after
     except EngineConfigError as exc:
         raise _fail(str(exc)) from None
-    net = _load_model(str(checkpoint), variant)
     profile = ShapeProfile(
         _parse_size(size), batch_ladder(max_batch or target.default_max_batch), text_tokens
     )
+    if if_stale:
+        import torch
+
+        from pidserve.engines.manifest import sha256_file, stale_reasons
+
+        if not checkpoint.is_file():
+            raise _fail(f"{checkpoint} does not exist")
+        reasons = stale_reasons(
+            output,
+            model_sha256=sha256_file(checkpoint),
+            precision=precision,
+            gpu_class=target.name,
+            profile=profile,
+            gpu_name=torch.cuda.get_device_name(),
+            compute_capability=torch.cuda.get_device_capability(),
+            trt_version=trt_version,
+        )
+        if not reasons:
+            typer.echo(f"{output} is current ({precision}, {profile.tag}); nothing to build")
+            return
+        typer.echo(f"building {output}: " + "; ".join(reasons))
+    net = _load_model(str(checkpoint), variant)
     onnx_dir = output / "onnx"
     try:
         if precision == "fp8":

@@ -15,7 +15,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from pidserve import __version__
 
@@ -91,11 +91,20 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        exporter = None
+        if (
+            settings.metrics_port is not None
+        ):  # a scrape port of its own (Kubernetes: no auth, no API traffic)
+            exporter, _ = start_http_server(
+                settings.metrics_port, addr=settings.host, registry=metrics.registry
+            )
         service.start()
         try:
             yield
         finally:
             service.stop()
+            if exporter is not None:
+                exporter.shutdown()
 
     app = FastAPI(
         title="pidserve",

@@ -67,6 +67,12 @@ class ServerSettings(BaseSettings):
     # ---- the HTTP server ----
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve /metrics on this port (no API key); /metrics on the API port stays.",
+    )
     graceful_shutdown_s: float = Field(30.0, ge=0)
     log_level: str = "info"
 

@@ -149,3 +149,31 @@ def test_profile_from_dict_sorts_and_validates() -> None:
     assert profile == ShapeProfile((1024, 2048), (1, 2, 4), 7)
     with pytest.raises(ValueError, match="positive"):
         mf.profile_from_dict({"image_size": [64, 64], "batch_sizes": [0]})
+
+
+def _stale(directory: Path, **changes: object) -> list[str]:
+    request: dict[str, object] = {
+        "model_sha256": "ab" * 32,
+        "precision": "bf16",
+        "gpu_class": "h100",
+        "profile": ShapeProfile((2048, 2048), (1, 2, 4, 8)),
+        "gpu_name": "NVIDIA H100 80GB HBM3",
+        "compute_capability": (9, 0),
+        "trt_version": "10.13.0.35",
+    }
+    request.update(changes)
+    return mf.stale_reasons(directory, **request)  # type: ignore[arg-type]
+
+
+def test_stale_reasons_say_what_differs(tmp_path: Path) -> None:
+    assert "no manifest.json" in _stale(tmp_path)[0]
+    mf.write_manifest(make_manifest(), tmp_path)
+    assert _stale(tmp_path) == []
+    assert _stale(tmp_path, model_sha256="cd" * 32) == [
+        "built from another checkpoint (model SHA-256 differs)"
+    ]
+    assert _stale(tmp_path, precision="fp8") == ["built in bf16, fp8 asked"]
+    assert _stale(tmp_path, gpu_class="gb200") == ["built for GPU class h100, gb200 asked"]
+    assert "no profile 4096x4096" in _stale(tmp_path, profile=ShapeProfile((4096, 4096), (1, 2)))[0]
+    (reason,) = _stale(tmp_path, trt_version="10.14.1")
+    assert "TensorRT 10.13.0.35" in reason and "Rebuild" not in reason

@@ -289,3 +289,15 @@ def test_api_key_from_the_environment(monkeypatch, tmp_path) -> None:
     with pytest.raises(ValueError, match="empty"):
         ServerSettings(api_key_file=empty).resolved_api_key()
     assert ServerSettings().resolved_api_key() is None
+
+
+def test_metrics_on_a_port_of_their_own() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with live_server(metrics_port=port) as live:
+        assert _post(live.url, 1).status_code == 200
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "pidserve_images_total 1.0" in text
