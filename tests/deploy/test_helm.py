@@ -86,6 +86,7 @@ def test_one_deployment_per_gpu_class_with_selector_tolerations_and_gpus() -> No
     assert "--if-stale" in command and "--gpu-class=gb200" in command and "--precision=fp8" in command
     assert "--output=/engines/gb200-fp8-4096x4096-b4" in command
     assert "--calibration-latents=/models/calibration/sd3-latents.safetensors" in command
+    assert {"name": "HOME", "value": "/tmp"} in init["env"]  # read-only root: caches go to /tmp
     env = {e["name"]: e.get("value") for e in gb200["containers"][0]["env"]}
     assert env["PIDSERVE_ENGINE_DIR"] == "/engines/gb200-fp8-4096x4096-b4"
     assert env["PIDSERVE_BACKEND"] == "tensorrt" and env["PIDSERVE_DEVICE"] == "cuda"
