@@ -1,25 +1,31 @@
 """`pidserve bench engine`: ms per image of engines, side by side in one run.
 
-Each configuration is warmed up first (compilation, graph capture, allocator), then timed over
-`repeat` decodes: median and p90 wall time per image, the engine's own stage breakdown, and
-achieved TFLOP/s against the model's analytic FLOP count.
+Each configuration (backend x batch size) is opened, warmed up (compilation, graph capture,
+allocator), then timed over `repeat` decodes:
+- wall time per image around the whole decode (median, p90): `decode` returns host pixels, so the
+  device work is complete when the clock stops;
+- the engine's own stage breakdown (CUDA events on a GPU, wall clock on the CPU) and their sum,
+  the device time;
+- achieved TFLOP/s against the model's analytic FLOP count, and peak device memory on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from pidserve.engines import DecodeBatch, Engine
-from pidserve.model import PiDConfig
+from pidserve.engines import DecodeBatch, Engine, ShapeProfile, open_engine
+from pidserve.model import PiDConfig, PiDNet
 from pidserve.model.flops import decode_flops
+
+from . import plots, report
+from .stats import Summary
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +41,16 @@ class EngineTiming:
     repeat: int
     ms_per_image_median: float
     ms_per_image_p90: float
-    stages_ms: dict[str, float] = field(default_factory=dict)  # median per decode
+    images_per_s: float = 0.0  # at the median
+    device_ms_per_image: float = 0.0  # sum of the engine's stage timings (CUDA events on a GPU)
+    stages_ms: dict[str, float] = field(default_factory=dict)  # median per decode (the whole batch)
+    flops_per_image: float = 0.0
     tflops_achieved: float = 0.0
     peak_memory_bytes: int | None = None
 
-
-def percentile(values: list[float], q: float) -> float:
-    """q-th percentile (0..100) with linear interpolation between order statistics."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision} b{self.batch}"
 
 
 def random_batch(
@@ -63,13 +65,20 @@ def random_batch(
 
 
 def time_engine(
-    engine: Engine, cfg: PiDConfig, batch: DecodeBatch, warmup: int = 2, repeat: int = 10
+    engine: Engine,
+    cfg: PiDConfig,
+    batch: DecodeBatch,
+    warmup: int = 2,
+    repeat: int = 10,
+    progress: tqdm | None = None,
 ) -> EngineTiming:
     """Warm up, then time `repeat` decodes of `batch` (wall clock around the whole decode)."""
     caps = engine.capabilities
     cuda = caps.device.startswith("cuda")
     for _ in range(warmup):
         engine.decode(batch)
+        if progress is not None:
+            progress.update()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -81,10 +90,13 @@ def time_engine(
         walls.append(time.perf_counter() - start)
         for name, seconds in result.timings.items():
             stages.setdefault(name, []).append(seconds)
+        if progress is not None:
+            progress.update()
     n = batch.size
     size = caps.image_size(batch.latents.shape[-2:])
-    median = statistics.median(walls)
-    flops = decode_flops(cfg, *size, steps=batch.steps, text_len=0, batch=n).total
+    per_image = Summary.of(walls).scaled(1e3 / n)
+    stages_ms = {k: statistics.median(v) * 1e3 for k, v in stages.items()}
+    flops = decode_flops(cfg, *size, steps=batch.steps, text_len=0, batch=1).total
     return EngineTiming(
         backend=caps.backend,
         device=caps.device,
@@ -93,30 +105,55 @@ def time_engine(
         image_size=size,
         steps=batch.steps,
         repeat=repeat,
-        ms_per_image_median=median * 1e3 / n,
-        ms_per_image_p90=percentile(walls, 90) * 1e3 / n,
-        stages_ms={k: statistics.median(v) * 1e3 for k, v in stages.items()},
-        tflops_achieved=flops / median / 1e12,
+        ms_per_image_median=per_image.median,
+        ms_per_image_p90=per_image.p90,
+        images_per_s=1e3 / per_image.median,
+        device_ms_per_image=sum(v for k, v in stages_ms.items() if k != "total") / n,
+        stages_ms=stages_ms,
+        flops_per_image=flops,
+        tflops_achieved=flops / (per_image.median / 1e3) / 1e12,
         peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
     )
 
 
-def machine_description() -> dict[str, str]:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": str(torch.get_num_threads()),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-    }
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        )
-        info["git_sha"] = sha.stdout.strip() or "unknown"
-    except OSError:
-        info["git_sha"] = "unknown"
-    return info
+def bench_engines(
+    net: PiDNet,
+    backends: list[str],
+    batches: list[int],
+    image_size: tuple[int, int],
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    steps: int = 4,
+    warmup: int = 2,
+    repeat: int = 10,
+) -> list[EngineTiming]:
+    """Every backend at every batch size, one after another in this process; a progress bar per decode.
+
+    onnxruntime always runs on the CPU in fp32 (its export is the fp32 graph).
+    """
+    rows = []
+    with tqdm(total=len(backends) * len(batches) * (warmup + repeat), desc="decodes", unit="decode") as bar:
+        for batch_size in batches:
+            batch = random_batch(net.cfg, batch_size, image_size, steps)
+            for backend in backends:
+                bar.set_postfix_str(f"{backend} batch {batch_size}")
+                ort = backend == "onnxruntime"
+                engine = open_engine(
+                    backend,
+                    net=net,
+                    device="cpu" if ort else device,
+                    precision="fp32" if ort else precision,
+                    max_batch=batch_size,
+                    profile=ShapeProfile(image_size, (batch_size,)),
+                )
+                try:
+                    rows.append(
+                        time_engine(engine, net.cfg, batch, warmup=warmup, repeat=repeat, progress=bar)
+                    )
+                finally:
+                    engine.close()
+    return rows
 
 
 def markdown_table(rows: list[EngineTiming]) -> str:
@@ -128,32 +165,49 @@ def markdown_table(rows: list[EngineTiming]) -> str:
         "size",
         "ms/image (median)",
         "p90",
+        "images/s",
         "TFLOP/s",
-        "stages (ms)",
+        "peak GiB",
+        "stages per decode (ms)",
     ]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    cells = []
     for r in rows:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r.stages_ms.items() if k != "total")
-        lines.append(
-            f"| {r.backend} | {r.device} | {r.precision} | {r.batch} | {r.image_size[0]}x{r.image_size[1]} | "
-            f"{r.ms_per_image_median:.1f} | {r.ms_per_image_p90:.1f} | {r.tflops_achieved:.3f} | {stages} |"
+        peak = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**30:.2f}"
+        cells.append(
+            [
+                r.backend,
+                r.device,
+                r.precision,
+                r.batch,
+                f"{r.image_size[0]}x{r.image_size[1]}",
+                f"{r.ms_per_image_median:.1f}",
+                f"{r.ms_per_image_p90:.1f}",
+                f"{r.images_per_s:.2f}",
+                f"{r.tflops_achieved:.3f}",
+                peak,
+                stages,
+            ]
         )
-    return "\n".join(lines)
+    return report.markdown_table(columns, cells)
 
 
-def as_dicts(rows: list[EngineTiming]) -> list[dict]:
-    return [asdict(r) for r in rows]
-
-
-def write_json(path: Path, rows: list[EngineTiming], command: str) -> None:
-    import json
-    from datetime import UTC, datetime
-
-    report = {
-        "command": command,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_description(),
-        "results": as_dicts(rows),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+def write_engine_report(out_dir: Path, rows: list[EngineTiming], *, with_plots: bool = True) -> list[Path]:
+    """engine.json, engine.md and (with plots) throughput_vs_batch.png, stages.png; returns the paths."""
+    written = [report.write_report(out_dir, "engine", [asdict(r) for r in rows], markdown_table(rows))]
+    written.append(out_dir / "engine.md")
+    if with_plots:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            name = f"{r.backend} {r.device} {r.precision} {r.image_size[0]}x{r.image_size[1]}"
+            series.setdefault(name, []).append((r.batch, r.images_per_s))
+        written.append(
+            plots.throughput_vs_batch(series, out_dir / "throughput_vs_batch.png", title="engine throughput")
+        )
+        bars = {r.label: {k: v / r.batch for k, v in r.stages_ms.items() if k != "total"} for r in rows}
+        written.append(
+            plots.stage_breakdown(
+                bars, out_dir / "stages.png", title="where one image's time goes", unit="ms per image"
+            )
+        )
+    return written

@@ -521,10 +521,53 @@ bench_app = typer.Typer(help="Benchmarks: ms per image, side by side in one run.
 app.add_typer(bench_app, name="bench")
 
 
+_OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Report folder (default bench/out/<command>).")
+]
+_PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib).")]
+
+
+def _int_list(option: str, value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise _fail(f"{option} must be comma-separated integers, got {value!r}") from None
+    if any(v < 1 for v in items):
+        raise _fail(f"{option} must be >= 1, got {value!r}")
+    return items
+
+
+def _float_list(option: str, value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise _fail(f"{option} must be comma-separated numbers, got {value!r}") from None
+
+
+def _bench_model(checkpoint: str | None, preset: str | None, variant: str | None):
+    """The model a benchmark times: a checkpoint, or a preset with random weights (seed 0)."""
+    import torch
+
+    from pidserve.model import PiDConfig, PiDNet
+
+    if (checkpoint is None) == (preset is None):
+        raise _fail("give either --checkpoint or --preset")
+    if checkpoint is not None:
+        return _load_model(checkpoint, variant)
+    if preset not in PRESETS_NAMES():
+        raise _fail(f"unknown preset {preset!r}; see `pidserve info --list`")
+    torch.manual_seed(0)
+    return PiDNet(PiDConfig.preset(preset)).eval()
+
+
+def _report_written(paths: list[Path]) -> None:
+    typer.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+
+
 @bench_app.command("engine")
 def bench_engine(
     checkpoint: Annotated[
-        str | None, typer.Option(help="Model checkpoint (else --preset, random weights).")
+        str | None, typer.Option(help="Model checkpoint ('default': the embedded pid-tiny), else --preset.")
     ] = None,
     preset: Annotated[str | None, typer.Option(help="Preset with random weights, e.g. 2k_flux.")] = None,
     variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
@@ -536,47 +579,199 @@ def bench_engine(
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 4,
     warmup: Annotated[int, typer.Option(help="Untimed decodes first.")] = 2,
     repeat: Annotated[int, typer.Option(help="Timed decodes.")] = 10,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+    out: _OutOpt = None,
+    plots: _PlotsOpt = True,
 ) -> None:
-    """Time backends on one model, side by side; prints a Markdown table."""
-    import sys
+    """Time backends on one model, side by side: ms/image, stages, TFLOP/s, peak memory."""
+    from pidserve.bench.engine import bench_engines, markdown_table, write_engine_report
+    from pidserve.bench.plots import PlotsUnavailable
+    from pidserve.engines import EngineConfigError, EngineInputError
 
-    import torch
+    net = _bench_model(checkpoint, preset, variant)
+    try:
+        rows = bench_engines(
+            net,
+            backends.split(","),
+            _int_list("--batches", batches),
+            _parse_size(size),
+            device=device,
+            precision=precision,
+            steps=steps,
+            warmup=warmup,
+            repeat=repeat,
+        )
+    except (EngineConfigError, EngineInputError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(markdown_table(rows))
+    try:
+        _report_written(write_engine_report(out or Path("bench/out/engine"), rows, with_plots=plots))
+    except PlotsUnavailable as exc:
+        raise _fail(str(exc)) from None
 
-    from pidserve.bench.engine import markdown_table, random_batch, time_engine, write_json
-    from pidserve.engines import EngineConfigError, ShapeProfile, open_engine
-    from pidserve.model import PiDConfig, PiDNet
 
-    if (checkpoint is None) == (preset is None):
-        raise _fail("give either --checkpoint or --preset")
-    if checkpoint is not None:
-        net = _load_model(checkpoint, variant)
-    else:
-        if preset not in PRESETS_NAMES():
-            raise _fail(f"unknown preset {preset!r}")
-        torch.manual_seed(0)
-        net = PiDNet(PiDConfig.preset(preset)).eval()
+@bench_app.command("http")
+def bench_http(
+    url: Annotated[
+        str | None, typer.Option(help="A running server on loopback; default: start one (the flags below).")
+    ] = None,
+    checkpoint: Annotated[
+        str, typer.Option(help="Started server: checkpoint ('default': pid-tiny).")
+    ] = "default",
+    variant: Annotated[
+        str | None, typer.Option(help="Started server: preset of an official checkpoint.")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="Started server: torch, torch-compile, onnxruntime.")
+    ] = "torch",
+    device: Annotated[str, typer.Option(help="Started server: cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="Started server: fp32 or bf16.")] = "fp32",
+    max_batch: Annotated[int, typer.Option(help="Started server: largest engine batch.")] = 8,
+    max_queue_delay_ms: Annotated[
+        float | None, typer.Option(help="Started server: batching delay (default: the server's).")
+    ] = None,
+    size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH of every request.")] = "256x256",
+    formats: Annotated[str, typer.Option(help="Comma-separated output formats.")] = "raw,png",
+    concurrency: Annotated[
+        str, typer.Option(help="Comma-separated concurrency levels (closed loop).")
+    ] = "1,2,4,8",
+    rate: Annotated[
+        str | None, typer.Option(help="Comma-separated request rates per second (open loop) instead.")
+    ] = None,
+    requests: Annotated[int, typer.Option(help="Requests per level (upper bound).")] = 32,
+    max_seconds: Annotated[float, typer.Option(help="Seconds per level (upper bound).")] = 60.0,
+    warmup: Annotated[int, typer.Option(help="Unrecorded requests before each level.")] = 2,
+    engine_baseline: Annotated[
+        bool, typer.Option(help="Started server: also time the engine alone in this process, first.")
+    ] = True,
+    api_key_file: Annotated[Path | None, typer.Option(help="File holding the server's API key.")] = None,
+    out: _OutOpt = None,
+    plots: _PlotsOpt = True,
+) -> None:
+    """Load a decode server over HTTP: latency percentiles, images/s, batching, server-side breakdown."""
+    import asyncio
+
+    from pidserve.bench.engine import bench_engines
+    from pidserve.bench.http_load import HttpPlan, NotLoopback, local_server, run_sweep, write_http_report
+    from pidserve.bench.plots import PlotsUnavailable
+    from pidserve.engines import EngineConfigError
+
+    out = out or Path("bench/out/http")
     image_size = _parse_size(size)
-    rows = []
-    for batch_size in (int(b) for b in batches.split(",")):
-        batch = random_batch(net.cfg, batch_size, image_size, steps)
-        for backend in backends.split(","):
+    plan = HttpPlan(
+        formats=formats.split(","),
+        mode="rate" if rate else "concurrency",
+        loads=_float_list("--rate", rate)
+        if rate
+        else [float(c) for c in _int_list("--concurrency", concurrency)],
+        requests=requests,
+        max_seconds=max_seconds,
+        warmup=warmup,
+        image_size=image_size,
+    )
+    try:
+        plan.validate()
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    api_key = api_key_file.read_text().strip() if api_key_file else None
+    baseline_ms = None
+
+    def sweep(target: str):
+        try:
+            return asyncio.run(run_sweep(target, plan, api_key))
+        except (NotLoopback, ValueError, RuntimeError) as exc:
+            raise _fail(str(exc)) from None
+
+    if url is not None:
+        model, levels = sweep(url)
+    else:
+        if engine_baseline:
+            net = _load_model(checkpoint, variant)
             try:
-                engine = open_engine(
-                    backend,
-                    net=net,
-                    device=device if backend != "onnxruntime" else "cpu",
-                    precision=precision if backend != "onnxruntime" else "fp32",
-                    max_batch=batch_size,
-                    profile=ShapeProfile(image_size, (batch_size,)),
-                )
+                timing = bench_engines(
+                    net, [backend], [1], image_size, device=device, precision=precision, repeat=10
+                )[0]
             except EngineConfigError as exc:
                 raise _fail(str(exc)) from None
-            typer.echo(f"timing {backend} batch {batch_size} ...", err=True)
-            rows.append(time_engine(engine, net.cfg, batch, warmup=warmup, repeat=repeat))
+            baseline_ms = timing.ms_per_image_median
+            del net
+        serve_args = ["--checkpoint", checkpoint, "--backend", backend, "--device", device]
+        serve_args += ["--precision", precision, "--max-batch", str(max_batch), "--image-size", size]
+        if variant:
+            serve_args += ["--variant", variant]
+        if max_queue_delay_ms is not None:
+            serve_args += ["--max-queue-delay-ms", str(max_queue_delay_ms)]
+        if api_key_file:
+            serve_args += ["--api-key-file", str(api_key_file)]
+        try:
+            with local_server(serve_args, out / "server.log") as started:
+                model, levels = sweep(started)
+        except (RuntimeError, TimeoutError) as exc:
+            raise _fail(str(exc)) from None
+    try:
+        paths = write_http_report(out, model, plan, levels, baseline_ms, with_plots=plots)
+    except PlotsUnavailable as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(paths[1].read_text())
+    _report_written(paths)
+
+
+@bench_app.command("cascade")
+def bench_cascade_cmd(
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Model checkpoint ('default': the embedded pid-tiny), else --preset.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset with random weights (a tiny-ae one).")] = None,
+    size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "256x256",
+    batch: Annotated[int, typer.Option(help="Images per call.")] = 1,
+    sr_steps: Annotated[
+        str, typer.Option(help="Comma-separated step counts of the SR diffusion model.")
+    ] = "50",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    warmup: Annotated[int, typer.Option(help="Untimed calls per pipeline.")] = 1,
+    repeat: Annotated[int, typer.Option(help="Timed calls per pipeline.")] = 5,
+    photos: Annotated[
+        Path | None, typer.Option(help="Held-out photos: add quality figures (PiD and decode+bicubic).")
+    ] = None,
+    out: _OutOpt = None,
+    plots: _PlotsOpt = True,
+) -> None:
+    """PiD against decode+bicubic and decode+diffusion-SR: same device, same size, one run."""
+    from pidserve.bench.cascade import (
+        CascadeSetup,
+        add_quality,
+        bench_cascade,
+        markdown_table,
+        write_cascade_report,
+    )
+    from pidserve.bench.plots import PlotsUnavailable
+    from pidserve.engines import EngineConfigError
+
+    if checkpoint is None and preset is None:
+        checkpoint = "default"
+    net = _bench_model(checkpoint, preset, None)
+    if precision not in ("fp32", "bf16"):
+        raise _fail(f"--precision must be fp32 or bf16, got {precision!r}")
+    setup = CascadeSetup(
+        image_size=_parse_size(size),
+        batch=batch,
+        sr_steps=_int_list("--sr-steps", sr_steps),
+        device=device,
+        precision=precision,
+        warmup=warmup,
+        repeat=repeat,
+    )
+    try:
+        rows = bench_cascade(net, setup)
+        if photos is not None:
+            add_quality(rows, net, photos)
+    except (ValueError, FileNotFoundError, EngineConfigError) as exc:
+        raise _fail(str(exc)) from None
     typer.echo(markdown_table(rows))
-    if json_out is not None:
-        write_json(json_out, rows, "pidserve " + " ".join(sys.argv[1:]))
+    try:
+        _report_written(write_cascade_report(out or Path("bench/out/cascade"), rows, with_plots=plots))
+    except PlotsUnavailable as exc:
+        raise _fail(str(exc)) from None
 
 
 @bench_app.command("codecs")
@@ -587,25 +782,25 @@ def bench_codecs(
     sizes: Annotated[str, typer.Option(help="Comma-separated square sizes.")] = "2048,4096",
     repeat: Annotated[int, typer.Option(help="Timed encodes per codec and size.")] = 5,
     workers: Annotated[int, typer.Option(help="Encoder processes for the server-path row.")] = 2,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+    out: _OutOpt = None,
 ) -> None:
     """Time PNG/JPEG/WebP encoders at serving sizes, and whether they hold the GIL; Markdown table."""
+    from pidserve.bench import report
     from pidserve.bench.codecs import as_dicts, markdown_table, time_codecs, time_server_pool
 
     if not image.is_file():
         raise _fail(f"{image} does not exist: run `pidserve data photos` or pass --image PATH")
-    try:
-        side = [int(s) for s in sizes.split(",")]
-    except ValueError:
-        raise _fail(f"--sizes must be comma-separated integers, got {sizes!r}") from None
+    side = _int_list("--sizes", sizes)
     rows = time_codecs(image, side, repeat)
     pool = time_server_pool(image, side, repeat, workers)
-    typer.echo(markdown_table(rows))
-    typer.echo("")
+    lines = [markdown_table(rows), ""]
     for row in pool:
-        typer.echo(f"{row['path']} at {row['size']}²: {row['ms_median']:.1f} ms per image (round trip)")
-    if json_out is not None:
-        json_out.write_text(json.dumps({"codecs": as_dicts(rows), "server_pool": pool}, indent=2))
+        lines.append(f"{row['path']} at {row['size']}²: {row['ms_median']:.1f} ms per image (round trip)")
+    table = "\n".join(lines)
+    typer.echo(table)
+    results = {"codecs": as_dicts(rows), "server_pool": pool}
+    written = report.write_report(out or Path("bench/out/codecs"), "codecs", results, table)
+    _report_written([written, written.with_suffix(".md")])
 
 
 @bench_app.command("quality")
