@@ -208,8 +208,8 @@ def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[setup.precision]
     height, width = setup.image_size
     scale = cfg.latent_downsample * cfg.sr_scale
-    if height % (scale * 2) or width % (scale * 2):
-        raise ValueError(f"output size {height}x{width} must be a multiple of {scale * 2} for this model")
+    if height % scale or width % scale:
+        raise ValueError(f"output size {height}x{width} must be a multiple of {scale} for this model")
     latents = torch.randn(
         setup.batch,
         cfg.latent_channels,
@@ -322,14 +322,16 @@ def markdown_table(rows: list[PipelineTiming]) -> str:
     return report.markdown_table(columns, cells)
 
 
-def write_cascade_report(out_dir: Path, rows: list[PipelineTiming], *, with_plots: bool = True) -> list[Path]:
+def write_cascade_report(
+    out_dir: Path, rows: list[PipelineTiming], *, with_plots: bool = True, command: str | None = None
+) -> list[Path]:
     first = rows[0]
     table = markdown_table(rows) + (
         f"\n\nAll pipelines: {first.device}, {first.precision}, batch {first.batch}, "
         f"{first.image_size[0]}x{first.image_size[1]} output, eager PyTorch."
     )
     written = [
-        report.write_report(out_dir, "cascade", [asdict(r) for r in rows], table),
+        report.write_report(out_dir, "cascade", [asdict(r) for r in rows], table, command=command),
         out_dir / "cascade.md",
     ]
     if with_plots:

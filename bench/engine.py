@@ -192,9 +192,15 @@ def markdown_table(rows: list[EngineTiming]) -> str:
     return report.markdown_table(columns, cells)
 
 
-def write_engine_report(out_dir: Path, rows: list[EngineTiming], *, with_plots: bool = True) -> list[Path]:
+def write_engine_report(
+    out_dir: Path, rows: list[EngineTiming], *, with_plots: bool = True, command: str | None = None
+) -> list[Path]:
     """engine.json, engine.md and (with plots) throughput_vs_batch.png, stages.png; returns the paths."""
-    written = [report.write_report(out_dir, "engine", [asdict(r) for r in rows], markdown_table(rows))]
+    written = [
+        report.write_report(
+            out_dir, "engine", [asdict(r) for r in rows], markdown_table(rows), command=command
+        )
+    ]
     written.append(out_dir / "engine.md")
     if with_plots:
         series: dict[str, list[tuple[int, float]]] = {}

@@ -425,6 +425,7 @@ def write_http_report(
     engine_baseline_ms: float | None,
     *,
     with_plots: bool = True,
+    command: str | None = None,
 ) -> list[Path]:
     found = findings(levels, engine_baseline_ms)
     results = {
@@ -440,7 +441,10 @@ def write_http_report(
             f"Engine alone (in the harness process, batch 1): {engine_baseline_ms:.1f} ms per image."
         )
     lines += [f"- {name}: {value:.2f}" for name, value in found.items()]
-    written = [report.write_report(out_dir, "http", results, "\n".join(lines)), out_dir / "http.md"]
+    written = [
+        report.write_report(out_dir, "http", results, "\n".join(lines), command=command),
+        out_dir / "http.md",
+    ]
     if with_plots:
         series = {
             fmt: [

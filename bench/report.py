@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -84,9 +85,25 @@ def machine_description() -> dict[str, Any]:
     }
 
 
-def command_line() -> str:
-    """The command as typed (`pidserve bench ...`), for the report and RESULTS.md."""
-    return "pidserve " + " ".join(sys.argv[1:])
+def command_line(ctx: Any = None) -> str:
+    """The command that is running (`pidserve bench ...`), for the report and RESULTS.md.
+
+    Given the CLI's context (typer.Context), it is rebuilt from the parsed options that differ from their
+    defaults, so it reads the same whether typed in a shell or invoked from Python; else the process's
+    own arguments.
+    """
+    if ctx is None:
+        return "pidserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    parts = ["pidserve", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not param.opts[0].startswith("-") or value == param.default:
+            continue
+        if getattr(param, "is_flag", False):
+            parts += (param.opts if value else param.secondary_opts)[:1]
+        elif value is not None:
+            parts += [param.opts[0], shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -566,6 +566,7 @@ def _report_written(paths: list[Path]) -> None:
 
 @bench_app.command("engine")
 def bench_engine(
+    ctx: typer.Context,
     checkpoint: Annotated[
         str | None, typer.Option(help="Model checkpoint ('default': the embedded pid-tiny), else --preset.")
     ] = None,
@@ -583,6 +584,7 @@ def bench_engine(
     plots: _PlotsOpt = True,
 ) -> None:
     """Time backends on one model, side by side: ms/image, stages, TFLOP/s, peak memory."""
+    from pidserve.bench import report
     from pidserve.bench.engine import bench_engines, markdown_table, write_engine_report
     from pidserve.bench.plots import PlotsUnavailable
     from pidserve.engines import EngineConfigError, EngineInputError
@@ -604,13 +606,18 @@ def bench_engine(
         raise _fail(str(exc)) from None
     typer.echo(markdown_table(rows))
     try:
-        _report_written(write_engine_report(out or Path("bench/out/engine"), rows, with_plots=plots))
+        _report_written(
+            write_engine_report(
+                out or Path("bench/out/engine"), rows, with_plots=plots, command=report.command_line(ctx)
+            )
+        )
     except PlotsUnavailable as exc:
         raise _fail(str(exc)) from None
 
 
 @bench_app.command("http")
 def bench_http(
+    ctx: typer.Context,
     url: Annotated[
         str | None, typer.Option(help="A running server on loopback; default: start one (the flags below).")
     ] = None,
@@ -650,6 +657,7 @@ def bench_http(
     """Load a decode server over HTTP: latency percentiles, images/s, batching, server-side breakdown."""
     import asyncio
 
+    from pidserve.bench import report
     from pidserve.bench.engine import bench_engines
     from pidserve.bench.http_load import HttpPlan, NotLoopback, local_server, run_sweep, write_http_report
     from pidserve.bench.plots import PlotsUnavailable
@@ -708,7 +716,9 @@ def bench_http(
         except (RuntimeError, TimeoutError) as exc:
             raise _fail(str(exc)) from None
     try:
-        paths = write_http_report(out, model, plan, levels, baseline_ms, with_plots=plots)
+        paths = write_http_report(
+            out, model, plan, levels, baseline_ms, with_plots=plots, command=report.command_line(ctx)
+        )
     except PlotsUnavailable as exc:
         raise _fail(str(exc)) from None
     typer.echo(paths[1].read_text())
@@ -717,6 +727,7 @@ def bench_http(
 
 @bench_app.command("cascade")
 def bench_cascade_cmd(
+    ctx: typer.Context,
     checkpoint: Annotated[
         str | None, typer.Option(help="Model checkpoint ('default': the embedded pid-tiny), else --preset.")
     ] = None,
@@ -737,6 +748,7 @@ def bench_cascade_cmd(
     plots: _PlotsOpt = True,
 ) -> None:
     """PiD against decode+bicubic and decode+diffusion-SR: same device, same size, one run."""
+    from pidserve.bench import report
     from pidserve.bench.cascade import (
         CascadeSetup,
         add_quality,
@@ -769,13 +781,18 @@ def bench_cascade_cmd(
         raise _fail(str(exc)) from None
     typer.echo(markdown_table(rows))
     try:
-        _report_written(write_cascade_report(out or Path("bench/out/cascade"), rows, with_plots=plots))
+        _report_written(
+            write_cascade_report(
+                out or Path("bench/out/cascade"), rows, with_plots=plots, command=report.command_line(ctx)
+            )
+        )
     except PlotsUnavailable as exc:
         raise _fail(str(exc)) from None
 
 
 @bench_app.command("codecs")
 def bench_codecs(
+    ctx: typer.Context,
     image: Annotated[
         Path, typer.Option(help="A photograph (default: a held-out photo from `pidserve data photos`).")
     ] = Path("data/photos/holdout/mate-LadyBird.jpg"),
@@ -799,7 +816,9 @@ def bench_codecs(
     table = "\n".join(lines)
     typer.echo(table)
     results = {"codecs": as_dicts(rows), "server_pool": pool}
-    written = report.write_report(out or Path("bench/out/codecs"), "codecs", results, table)
+    written = report.write_report(
+        out or Path("bench/out/codecs"), "codecs", results, table, command=report.command_line(ctx)
+    )
     _report_written([written, written.with_suffix(".md")])
 
 

@@ -36,14 +36,15 @@ def test_photo_is_centre_cropped_square(tmp_path) -> None:
 
 
 def test_cli(tmp_path) -> None:
-    out = tmp_path / "codecs.json"
+    out = tmp_path / "report"
     result = CliRunner().invoke(
         app, ["bench", "codecs", "--image", str(_photo(tmp_path)), "--sizes", "32", "--repeat", "1",
-              "--workers", "1", "--json", str(out)],
+              "--workers", "1", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "| fpng (served) | 32² |" in result.output
-    report = json.loads(out.read_text())
-    assert report["server_pool"][0]["size"] == 32 and len(report["codecs"]) >= 5
+    report = json.loads((out / "codecs.json").read_text())
+    assert report["results"]["server_pool"][0]["size"] == 32 and len(report["results"]["codecs"]) >= 5
+    assert "| fpng (served) | 32² |" in (out / "codecs.md").read_text()
     missing = CliRunner().invoke(app, ["bench", "codecs", "--image", str(tmp_path / "nope.png")])
     assert missing.exit_code == 2 and "pidserve data photos" in missing.output

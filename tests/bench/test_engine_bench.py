@@ -9,19 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pidserve.bench.engine import markdown_table, percentile, random_batch, time_engine
+from pidserve.bench.engine import markdown_table, random_batch, time_engine
 from pidserve.cli import app
 from pidserve.engines import open_engine
 from pidserve.model import PiDConfig, PiDNet
 
-
-def test_percentile_interpolates_between_order_statistics() -> None:
-    values = [5.0, 1.0, 3.0, 2.0, 4.0]
-    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
-    assert percentile(values, 50) == 3.0
-    assert percentile(values, 90) == pytest.approx(4.6)
-    with pytest.raises(ValueError):
-        percentile([], 50)
+from .plots_check import assert_is_plot
 
 
 def test_time_engine_reports_per_image_figures() -> None:
@@ -36,12 +29,41 @@ def test_time_engine_reports_per_image_figures() -> None:
     assert table.count("\n") == 2 and "| torch | cpu | fp32 | 2 | 64x64 |" in table
 
 
-def test_bench_engine_command_writes_json(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    args = ["bench", "engine", "--preset", "tiny_v1", "--size", "64x64", "--backends", "torch"]
-    result = CliRunner().invoke(app, [*args, "--repeat", "2", "--warmup", "1", "--json", str(out)])
+def test_bench_engine_command_writes_report_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    args = [
+        "bench",
+        "engine",
+        "--preset",
+        "tiny_v1",
+        "--size",
+        "64x64",
+        "--backends",
+        "torch",
+        "--batches",
+        "1,2",
+    ]
+    result = CliRunner().invoke(app, [*args, "--repeat", "2", "--warmup", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    assert report["machine"]["torch"] == torch.__version__
-    assert report["results"][0]["backend"] == "torch"
-    assert "| torch |" in result.output
+    report = json.loads((out / "engine.json").read_text())
+    assert report["command"].startswith("pidserve bench engine")
+    assert report["versions"]["torch"] == torch.__version__ and report["git"]
+    assert report["machine"]["logical_cores"] >= 1 and "date" in report
+    rows = report["results"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["images_per_s"] == pytest.approx(1e3 / row["ms_per_image_median"])
+        assert row["flops_per_image"] > 0 and row["device_ms_per_image"] > 0
+    assert "| torch | cpu | fp32 | 2 | 64x64 |" in (out / "engine.md").read_text()
+    for plot in ("throughput_vs_batch.png", "stages.png"):
+        assert_is_plot(out / plot)
+
+
+def test_bench_engine_refuses_bad_options(tmp_path: Path) -> None:
+    runner = CliRunner()
+    both = runner.invoke(app, ["bench", "engine", "--preset", "tiny_v1", "--checkpoint", "default"])
+    assert both.exit_code == 2 and "either --checkpoint or --preset" in both.output
+    bad = runner.invoke(app, ["bench", "engine", "--preset", "tiny_v1", "--batches", "1,x"])
+    assert bad.exit_code == 2 and "--batches must be comma-separated integers" in bad.output
+    backend = runner.invoke(app, ["bench", "engine", "--preset", "tiny_v1", "--backends", "nope"])
+    assert backend.exit_code == 2 and "unknown backend" in backend.output
