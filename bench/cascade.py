@@ -221,7 +221,8 @@ def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
     torch.manual_seed(0)
     sr_net = PiDNet(sr_model_config(cfg)).to(device=device, dtype=dtype).eval()
     pid_params = sum(p.numel() for p in net.parameters()) / 1e6
-    decoder_params = sum(p.numel() for p in decoder.parameters()) / 1e6
+    # the autoencoder's decoder half only: the cascade never runs its encoder
+    decoder_params = sum(p.numel() for p in getattr(decoder, "decoder", decoder).parameters()) / 1e6
     sr_params = sum(p.numel() for p in sr_net.parameters()) / 1e6
     candidates: list[tuple[str, str, float, Pipeline]] = [
         (

@@ -146,9 +146,14 @@ class Engine(ABC):
     def decode(self, batch: DecodeBatch) -> DecodeResult:
         """Decode a batch; raises EngineInputError for batches outside `capabilities`."""
 
-    def warmup(self) -> None:
-        """Run every served batch size once (and capture graphs where the backend does)."""
+    def warmup(self, text_tokens: int | None = None) -> None:
+        """Run every served batch size once (and capture graphs where the backend does).
+
+        text_tokens: the text length requests will carry (a server with a text encoder sends the
+        network's `text_max_length` with every request); None: the engine's built length, else none.
+        """
         caps = self.capabilities
+        tokens = warmup_text_tokens(caps, text_tokens)
         sizes = caps.batch_sizes or (1,)
         for size in sizes:
             latents = torch.zeros(size, caps.latent_channels, 1, 1)
@@ -157,7 +162,6 @@ class Engine(ABC):
                 latents = torch.zeros(
                     size, caps.latent_channels, h // caps.output_scale, w // caps.output_scale
                 )
-            tokens = caps.text_tokens[0] if caps.text_tokens else 0
             text = torch.zeros(size, tokens, caps.text_dim) if tokens else None
             seeds = torch.zeros(size, dtype=torch.int64)
             self.decode(DecodeBatch(latents, torch.zeros(size), seeds, text, max(caps.steps)))
@@ -167,6 +171,19 @@ class Engine(ABC):
 
 
 # ---- shared helpers for backends ----------------------------------------------------------------
+def warmup_text_tokens(caps: EngineCapabilities, requested: int | None) -> int:
+    """The text length to warm up with; refuses one the engine was not built for (with the fix)."""
+    if requested is None:
+        return caps.text_tokens[0] if caps.text_tokens else 0
+    if caps.text_tokens is not None and requested not in caps.text_tokens:
+        raise EngineConfigError(
+            f"requests will carry {requested} text tokens but this {caps.backend} engine was built for "
+            f"{list(caps.text_tokens)}; rebuild it with --text-tokens {requested} "
+            "(or serve without a text encoder)"
+        )
+    return requested
+
+
 def padded_batch_size(n: int, batch_sizes: Sequence[int]) -> int:
     """The served batch size for a batch of n: the smallest one >= n (the rest is padding)."""
     fits = [size for size in batch_sizes if size >= n]

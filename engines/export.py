@@ -79,6 +79,7 @@ class ConditionGraph(nn.Module):
         super().__init__()
         self.net = net
         self.image_size = image_size
+        self.train(net.training)  # a fresh wrapper is in training mode; the exporter warns about it
 
     def forward(self, latent: torch.Tensor, text: torch.Tensor | None = None):
         # sigma only enters the gates (in the step graph); condition() just carries it along.
@@ -109,6 +110,7 @@ class StepGraph(nn.Module):
         self.register_buffer("pixel_cos", pixel_cos, persistent=False)
         self.register_buffer("pixel_sin", pixel_sin, persistent=False)
         self.register_buffer("pixel_positions", net._pixel_positions(*image_size, device), persistent=False)
+        self.train(net.training)
 
     def conditioning(
         self,

@@ -47,6 +47,7 @@ from .base import (
     on_device,
     padded_batch_size,
     seeded_noises,
+    warmup_text_tokens,
 )
 from .export import ShapeProfile, condition_io_names, step_io_names
 from .gpu_classes import check_precision, current_gpu
@@ -500,8 +501,12 @@ class TensorRTEngine(Engine):
         self._caps.check(batch)
         return self._decoder.decode(batch)
 
-    def warmup(self) -> None:
-        """Capture the 4-step decode of every built batch size (other step counts on first use)."""
+    def warmup(self, text_tokens: int | None = None) -> None:
+        """Capture the 4-step decode of every built batch size (other step counts on first use).
+
+        The text length is fixed by the build; asking for another one is refused with the rebuild hint.
+        """
+        warmup_text_tokens(self._caps, text_tokens)
         self._decoder.warmup(MAX_STUDENT_STEPS)
 
     def close(self) -> None:

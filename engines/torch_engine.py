@@ -27,6 +27,7 @@ from .base import (
     on_device,
     padded_batch_size,
     seeded_noises,
+    warmup_text_tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -274,9 +275,11 @@ class TorchCompileEngine(TorchEngine):
         self._graphs[key] = captured
         return captured
 
-    def warmup(self) -> None:
-        """Compile (and on CUDA capture) every served batch size x output size, 4 steps, no text."""
+    def warmup(self, text_tokens: int | None = None) -> None:
+        """Compile (and on CUDA capture) every served batch size x output size, 4 steps, with
+        `text_tokens` text positions (None or 0: no text) — the shapes requests will bring."""
         caps = self._caps
+        tokens = warmup_text_tokens(caps, text_tokens)
         if caps.image_sizes is None:
             log.warning("torch-compile warmup: no served image sizes given; shapes compile on first use")
             return
@@ -285,4 +288,6 @@ class TorchCompileEngine(TorchEngine):
                 latents = torch.zeros(
                     size, caps.latent_channels, height // caps.output_scale, width // caps.output_scale
                 )
-                self.decode(DecodeBatch(latents, torch.zeros(size), torch.zeros(size, dtype=torch.int64)))
+                text = torch.zeros(size, tokens, caps.text_dim) if tokens else None
+                seeds = torch.zeros(size, dtype=torch.int64)
+                self.decode(DecodeBatch(latents, torch.zeros(size), seeds, text))

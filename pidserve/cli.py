@@ -648,7 +648,8 @@ def bench_http(
     max_seconds: Annotated[float, typer.Option(help="Seconds per level (upper bound).")] = 60.0,
     warmup: Annotated[int, typer.Option(help="Unrecorded requests before each level.")] = 2,
     engine_baseline: Annotated[
-        bool, typer.Option(help="Started server: also time the engine alone in this process, first.")
+        bool,
+        typer.Option(help="Started server: also time the engine alone in this process, before and after."),
     ] = True,
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the server's API key.")] = None,
     out: _OutOpt = None,
@@ -664,6 +665,7 @@ def bench_http(
     from pidserve.engines import EngineConfigError
 
     out = out or Path("bench/out/http")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the table
     image_size = _parse_size(size)
     plan = HttpPlan(
         formats=formats.split(","),
@@ -681,7 +683,7 @@ def bench_http(
     except ValueError as exc:
         raise _fail(str(exc)) from None
     api_key = api_key_file.read_text().strip() if api_key_file else None
-    baseline_ms = None
+    baselines_ms: list[float] = []
 
     def sweep(target: str):
         try:
@@ -689,19 +691,28 @@ def bench_http(
         except (NotLoopback, ValueError, RuntimeError) as exc:
             raise _fail(str(exc)) from None
 
+    def time_engine_alone() -> None:
+        """Batch 1, this process; loaded afresh and released so the server has the device to itself."""
+        import gc
+
+        import torch
+
+        net = _load_model(checkpoint, variant)
+        try:
+            timing = bench_engines(net, [backend], [1], image_size, device=device, precision=precision)[0]
+        except EngineConfigError as exc:
+            raise _fail(str(exc)) from None
+        baselines_ms.append(timing.ms_per_image_median)
+        del net
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     if url is not None:
         model, levels = sweep(url)
     else:
         if engine_baseline:
-            net = _load_model(checkpoint, variant)
-            try:
-                timing = bench_engines(
-                    net, [backend], [1], image_size, device=device, precision=precision, repeat=10
-                )[0]
-            except EngineConfigError as exc:
-                raise _fail(str(exc)) from None
-            baseline_ms = timing.ms_per_image_median
-            del net
+            time_engine_alone()  # before the server starts ...
         serve_args = ["--checkpoint", checkpoint, "--backend", backend, "--device", device]
         serve_args += ["--precision", precision, "--max-batch", str(max_batch), "--image-size", size]
         if variant:
@@ -715,9 +726,11 @@ def bench_http(
                 model, levels = sweep(started)
         except (RuntimeError, TimeoutError) as exc:
             raise _fail(str(exc)) from None
+        if engine_baseline:
+            time_engine_alone()  # ... and after it stopped: the two bracket the machine's drift
     try:
         paths = write_http_report(
-            out, model, plan, levels, baseline_ms, with_plots=plots, command=report.command_line(ctx)
+            out, model, plan, levels, baselines_ms, with_plots=plots, command=report.command_line(ctx)
         )
     except PlotsUnavailable as exc:
         raise _fail(str(exc)) from None

@@ -187,7 +187,9 @@ class DecodeService:
                 caps.precision,
                 caps.batch_sizes or f"1..{caps.max_batch}",
             )
-            engine.warmup()
+            # With a text encoder every request carries text_length tokens (the empty prompt too):
+            # warm (compile, capture) exactly that shape, or the first request would pay for it.
+            engine.warmup(text_tokens=text_length if self.prompts.enabled else None)
             self.encoders.warmup()
             self.engine = engine
             self.info = ModelInfo(

@@ -192,6 +192,7 @@ def test_starts_its_own_server_and_times_the_engine_alone(tmp_path: Path) -> Non
     report = _bench(tmp_path, "--concurrency", "2", "--formats", "raw", "--no-plots", "--max-batch", "2")
     results = report["results"]
     assert results["engine_baseline_ms_per_image"] > 0
+    assert len(results["engine_baseline_runs_ms"]) == 2  # before the server started and after it stopped
     assert "raw_latency_over_engine_at_2" in results["findings"]
     assert results["levels"][0]["ok"] == 6
     log = (tmp_path / "server.log").read_text()

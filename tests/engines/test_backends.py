@@ -192,3 +192,26 @@ def test_torch_compile_warmup_needs_served_sizes(tiny_v15: PiDNet, caplog: pytes
     engine = open_engine("torch-compile", net=tiny_v15)
     engine.warmup()  # nothing to warm without served sizes: it says so instead of guessing a shape
     assert "no served image sizes" in caplog.text
+
+
+def test_warmup_uses_the_text_length_requests_will_carry(tiny_v15: PiDNet, monkeypatch) -> None:
+    # A server with a text encoder sends text_max_length tokens with every request: warm exactly that
+    # shape, or torch.compile / CUDA-graph capture would happen on the first real request.
+    engine = open_engine("torch-compile", net=tiny_v15, batch_sizes=(1, 2), image_sizes=((64, 64),))
+    seen: list[tuple[int, int | None]] = []
+    monkeypatch.setattr(
+        engine, "decode", lambda b: seen.append((b.size, None if b.text is None else b.text.shape[1]))
+    )
+    engine.warmup(text_tokens=7)
+    assert seen == [(1, 7), (2, 7)]
+    seen.clear()
+    engine.warmup()
+    assert seen == [(1, None), (2, None)]
+
+
+def test_warmup_refuses_a_text_length_the_engine_was_not_built_for(tiny_v15: PiDNet, tmp_path: Path) -> None:
+    profile = ShapeProfile((64, 64), (1,), text_tokens=0)
+    engine = open_engine("onnxruntime", net=tiny_v15, profile=profile, cache_dir=tmp_path)
+    with pytest.raises(EngineConfigError, match="rebuild it with --text-tokens 5"):
+        engine.warmup(text_tokens=5)
+    engine.warmup(text_tokens=0)  # the built length is fine

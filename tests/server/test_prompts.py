@@ -47,6 +47,9 @@ def test_prompt_and_empty_prompt_match_the_encoder(text_model) -> None:
         Client(live.url) as client,
     ):
         assert client.models()["models"][0]["prompts"] is True
+        # warm-up already ran the shape every request will have: the network's text length (16 here)
+        warm = live.engine.seen_text[0]
+        assert warm is not None and warm.shape == (1, 16, HIDDEN)
         cat = client.decode(x, seed=3, prompt="a cat", format="raw").images()
         cat_again = client.decode(x, seed=3, prompt="a cat", format="raw").images()  # from the LRU cache
         dog = client.decode(x, seed=3, prompt="a dog", format="raw").images()
