@@ -96,6 +96,11 @@ class EngineCapabilities:
     steps: tuple[int, ...] = (1, 2, 3, 4)
     text_tokens: tuple[int, ...] | None = None  # None: any count (0 = no text)
 
+    @property
+    def served_batch_sizes(self) -> tuple[int, ...]:
+        """Every batch size a request mix can produce: the built ones, else 1..max_batch."""
+        return self.batch_sizes or tuple(range(1, self.max_batch + 1))
+
     def image_size(self, latent_hw: Sequence[int]) -> tuple[int, int]:
         return int(latent_hw[0]) * self.output_scale, int(latent_hw[1]) * self.output_scale
 
@@ -154,8 +159,7 @@ class Engine(ABC):
         """
         caps = self.capabilities
         tokens = warmup_text_tokens(caps, text_tokens)
-        sizes = caps.batch_sizes or (1,)
-        for size in sizes:
+        for size in caps.served_batch_sizes:
             latents = torch.zeros(size, caps.latent_channels, 1, 1)
             if caps.image_sizes:
                 h, w = caps.image_sizes[0]

@@ -207,7 +207,9 @@ class TorchCompileEngine(TorchEngine):
         image_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(net, device, precision, max_batch, batch_sizes, image_sizes)
-        served = len(batch_sizes or ()) * len(image_sizes or ())
+        # dynamic=False compiles once per (batch size, image size); past dynamo's recompile limit it
+        # would quietly run eager, so the limit covers every served shape.
+        served = len(self._caps.served_batch_sizes) * max(1, len(image_sizes or ()))
         if served > torch._dynamo.config.recompile_limit:
             torch._dynamo.config.recompile_limit = served
         # Inductor's own CUDA graphs would fight our capture of the whole decode: keep them off.
@@ -284,7 +286,7 @@ class TorchCompileEngine(TorchEngine):
             log.warning("torch-compile warmup: no served image sizes given; shapes compile on first use")
             return
         for height, width in caps.image_sizes:
-            for size in caps.batch_sizes or (1,):
+            for size in caps.served_batch_sizes:  # each batch size compiles (and captures) once
                 latents = torch.zeros(
                     size, caps.latent_channels, height // caps.output_scale, width // caps.output_scale
                 )

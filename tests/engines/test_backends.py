@@ -215,3 +215,18 @@ def test_warmup_refuses_a_text_length_the_engine_was_not_built_for(tiny_v15: PiD
     with pytest.raises(EngineConfigError, match="rebuild it with --text-tokens 5"):
         engine.warmup(text_tokens=5)
     engine.warmup(text_tokens=0)  # the built length is fine
+
+
+def test_warmup_covers_every_batch_size_up_to_max_when_none_are_listed(tiny_v15: PiDNet, monkeypatch) -> None:
+    # Found by `bench http` on torch-compile: only batch 1 was warmed, so the first batch of 2, 3, 4
+    # compiled under live traffic (20 s p90). Every size a request mix can produce is warmed now.
+    engine = open_engine("torch-compile", net=tiny_v15, max_batch=3, image_sizes=((64, 64),))
+    seen: list[int] = []
+    monkeypatch.setattr(engine, "decode", lambda b: seen.append(b.size))
+    engine.warmup()
+    assert seen == [1, 2, 3]
+    eager = open_engine("torch", net=tiny_v15, max_batch=2)
+    sizes: list[int] = []
+    monkeypatch.setattr(eager, "decode", lambda b: sizes.append(b.size))
+    eager.warmup()
+    assert sizes == [1, 2]
