@@ -34,8 +34,8 @@ def test_bench_engine_command_writes_report_and_plots(tmp_path: Path) -> None:
     args = [
         "bench",
         "engine",
-        "--preset",
-        "tiny_v1",
+        "--checkpoint",
+        "default",  # the embedded pid-tiny
         "--size",
         "64x64",
         "--backends",
@@ -46,7 +46,9 @@ def test_bench_engine_command_writes_report_and_plots(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--repeat", "2", "--warmup", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "engine.json").read_text())
-    assert report["command"].startswith("pidserve bench engine")
+    command = report["command"]  # the options that differ from their defaults, in declaration order
+    assert command.startswith("pidserve bench engine --checkpoint default --backends torch --size 64x64")
+    assert "--preset" not in command and "--device" not in command
     assert report["versions"]["torch"] == torch.__version__ and report["git"]
     assert report["machine"]["logical_cores"] >= 1 and "date" in report
     rows = report["results"]

@@ -176,6 +176,7 @@ def test_open_loop_rate_against_a_running_server(server_url: str, tmp_path: Path
     report = _bench(tmp_path, "--url", server_url, "--rate", "10", "--formats", "jpeg", "--no-plots")
     (level,) = report["results"]["levels"]
     assert level["mode"] == "rate" and level["load"] == 10 and level["ok"] == 6
+    assert "--rate 10" in report["command"] and report["command"].endswith("--no-plots")
     assert not (tmp_path / "latency_vs_load.png").exists()
 
 
