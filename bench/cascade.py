@@ -84,9 +84,14 @@ def pid_pipeline(net: PiDNet, device: str, precision: str, batch: int, steps: in
     return run
 
 
-def decode_then_bicubic(
-    decoder: torch.nn.Module, latent_space: str, scale: int, dtype: torch.dtype
+def decode_then(
+    decoder: torch.nn.Module,
+    latent_space: str,
+    dtype: torch.dtype,
+    upscale_stage: str,
+    upscale: Callable[[torch.Tensor], torch.Tensor],
 ) -> Pipeline:
+    """A cascade: the latent space's decoder, then `upscale` (decoded image [-1, 1] -> output size)."""
     space = get_latent_space(latent_space)
     device = next(decoder.parameters()).device
 
@@ -97,10 +102,8 @@ def decode_then_bicubic(
             z = latents.to(device)
         with timer.stage("latent_decode"):
             low = decoder.decode(space.denormalize(z.float()).to(dtype))
-        with timer.stage("upsample"):
-            high = torch.nn.functional.interpolate(
-                low, scale_factor=scale, mode="bicubic", align_corners=False
-            )
+        with timer.stage(upscale_stage):
+            high = upscale(low)
         with timer.stage("postprocess"):
             pixels = _to_uint8_hwc(high)
         with timer.stage("d2h"):
@@ -108,31 +111,26 @@ def decode_then_bicubic(
         return pixels, timer.result()
 
     return run
+
+
+def decode_then_bicubic(
+    decoder: torch.nn.Module, latent_space: str, scale: int, dtype: torch.dtype
+) -> Pipeline:
+    def bicubic(low: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False)
+
+    return decode_then(decoder, latent_space, dtype, "upsample", bicubic)
 
 
 def decode_then_sr_diffusion(
     decoder: torch.nn.Module, latent_space: str, sr_net: PiDNet, steps: int, dtype: torch.dtype
 ) -> Pipeline:
-    space = get_latent_space(latent_space)
-    device = next(decoder.parameters()).device
+    def sr_diffusion(low: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(device=low.device).manual_seed(0)
+        # the network casts its inputs to its own dtype; the image it reads is clamped like a real one
+        return sample_teacher(sr_net, low.clamp(-1, 1).float(), 0.0, steps=steps, generator=generator)
 
-    @torch.no_grad()
-    def run(latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        timer = StageTimer(device)
-        with timer.stage("h2d"):
-            z = latents.to(device)
-        with timer.stage("latent_decode"):
-            low = decoder.decode(space.denormalize(z.float()).to(dtype)).clamp(-1, 1)
-        with timer.stage("sr_diffusion"):  # the network casts its inputs to its own dtype
-            generator = torch.Generator(device=device).manual_seed(0)
-            high = sample_teacher(sr_net, low.float(), 0.0, steps=steps, generator=generator)
-        with timer.stage("postprocess"):
-            pixels = _to_uint8_hwc(high)
-        with timer.stage("d2h"):
-            pixels = pixels.cpu()
-        return pixels, timer.result()
-
-    return run
+    return decode_then(decoder, latent_space, dtype, "sr_diffusion", sr_diffusion)
 
 
 @dataclass

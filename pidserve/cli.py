@@ -560,8 +560,16 @@ def _bench_model(checkpoint: str | None, preset: str | None, variant: str | None
     return PiDNet(PiDConfig.preset(preset)).eval()
 
 
-def _report_written(paths: list[Path]) -> None:
+def _write_bench_report(write, *args, **kwargs) -> list[Path]:
+    """Call a bench/ report writer; a missing matplotlib becomes a clear CLI error. Says what it wrote."""
+    from pidserve.bench.plots import PlotsUnavailable
+
+    try:
+        paths = write(*args, **kwargs)
+    except PlotsUnavailable as exc:
+        raise _fail(str(exc)) from None
     typer.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+    return paths
 
 
 @bench_app.command("engine")
@@ -586,7 +594,6 @@ def bench_engine(
     """Time backends on one model, side by side: ms/image, stages, TFLOP/s, peak memory."""
     from pidserve.bench import report
     from pidserve.bench.engine import bench_engines, markdown_table, write_engine_report
-    from pidserve.bench.plots import PlotsUnavailable
     from pidserve.engines import EngineConfigError, EngineInputError
 
     net = _bench_model(checkpoint, preset, variant)
@@ -605,14 +612,13 @@ def bench_engine(
     except (EngineConfigError, EngineInputError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(markdown_table(rows))
-    try:
-        _report_written(
-            write_engine_report(
-                out or Path("bench/out/engine"), rows, with_plots=plots, command=report.command_line(ctx)
-            )
-        )
-    except PlotsUnavailable as exc:
-        raise _fail(str(exc)) from None
+    _write_bench_report(
+        write_engine_report,
+        out or Path("bench/out/engine"),
+        rows,
+        with_plots=plots,
+        command=report.command_line(ctx),
+    )
 
 
 @bench_app.command("http")
@@ -661,7 +667,6 @@ def bench_http(
     from pidserve.bench import report
     from pidserve.bench.engine import bench_engines
     from pidserve.bench.http_load import HttpPlan, NotLoopback, local_server, run_sweep, write_http_report
-    from pidserve.bench.plots import PlotsUnavailable
     from pidserve.engines import EngineConfigError
 
     out = out or Path("bench/out/http")
@@ -728,14 +733,17 @@ def bench_http(
             raise _fail(str(exc)) from None
         if engine_baseline:
             time_engine_alone()  # ... and after it stopped: the two bracket the machine's drift
-    try:
-        paths = write_http_report(
-            out, model, plan, levels, baselines_ms, with_plots=plots, command=report.command_line(ctx)
-        )
-    except PlotsUnavailable as exc:
-        raise _fail(str(exc)) from None
+    paths = _write_bench_report(
+        write_http_report,
+        out,
+        model,
+        plan,
+        levels,
+        baselines_ms,
+        with_plots=plots,
+        command=report.command_line(ctx),
+    )
     typer.echo(paths[1].read_text())
-    _report_written(paths)
 
 
 @bench_app.command("cascade")
@@ -769,7 +777,6 @@ def bench_cascade_cmd(
         markdown_table,
         write_cascade_report,
     )
-    from pidserve.bench.plots import PlotsUnavailable
     from pidserve.engines import EngineConfigError
 
     if checkpoint is None and preset is None:
@@ -793,14 +800,13 @@ def bench_cascade_cmd(
     except (ValueError, FileNotFoundError, EngineConfigError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(markdown_table(rows))
-    try:
-        _report_written(
-            write_cascade_report(
-                out or Path("bench/out/cascade"), rows, with_plots=plots, command=report.command_line(ctx)
-            )
-        )
-    except PlotsUnavailable as exc:
-        raise _fail(str(exc)) from None
+    _write_bench_report(
+        write_cascade_report,
+        out or Path("bench/out/cascade"),
+        rows,
+        with_plots=plots,
+        command=report.command_line(ctx),
+    )
 
 
 @bench_app.command("codecs")
@@ -832,7 +838,7 @@ def bench_codecs(
     written = report.write_report(
         out or Path("bench/out/codecs"), "codecs", results, table, command=report.command_line(ctx)
     )
-    _report_written([written, written.with_suffix(".md")])
+    typer.echo(f"wrote {written}, {written.with_suffix('.md')}", err=True)
 
 
 @bench_app.command("quality")

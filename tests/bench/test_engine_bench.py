@@ -69,3 +69,18 @@ def test_bench_engine_refuses_bad_options(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--batches must be comma-separated integers" in bad.output
     backend = runner.invoke(app, ["bench", "engine", "--preset", "tiny_v1", "--backends", "nope"])
     assert backend.exit_code == 2 and "unknown backend" in backend.output
+
+
+def test_plots_without_matplotlib_fail_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    args = ["bench", "engine", "--checkpoint", "default", "--size", "32x32", "--backends", "torch"]
+    result = CliRunner().invoke(app, [*args, "--repeat", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "pip install 'pidserve[bench]'" in result.output
+    assert "--no-plots" in result.output
+    assert (tmp_path / "engine.json").is_file()  # the numbers are kept; only the plots are missing
+    ok = CliRunner().invoke(
+        app, [*args, "--repeat", "1", "--warmup", "0", "--out", str(tmp_path), "--no-plots"]
+    )
+    assert ok.exit_code == 0, ok.output
