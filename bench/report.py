@@ -63,6 +63,11 @@ def versions() -> dict[str, str]:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = "not installed"
+    if "torch" in found:
+        import torch
+
+        # The module's version carries the build tag (+cpu, +cu130) that some wheels' metadata lacks.
+        found["torch"] = torch.__version__
     return found
 
 

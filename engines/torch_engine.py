@@ -29,6 +29,7 @@ from .base import (
     seeded_noises,
     warmup_text_tokens,
 )
+from .fp8_linear import check_fp8_matmul, convert_to_fp8
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,15 @@ def _stage(timer: StageTimer | None, name: str):
     return timer.stage(name) if timer is not None else nullcontext()
 
 
+# What the network's weights and activations are stored in, per precision. fp8: BF16, except the big
+# matmuls, which fp8_linear.convert_to_fp8 switches to FP8 after the cast.
+COMPUTE_DTYPES = {**TORCH_DTYPES, "fp8": torch.bfloat16}
+
+
 def _check_device_and_precision(backend: str, device: str, precision: str) -> torch.device:
-    if precision not in TORCH_DTYPES:
+    if precision not in COMPUTE_DTYPES:
         raise EngineConfigError(
-            f"the {backend} backend runs precision fp32 or bf16, not {precision!r} "
-            "(FP8 engines are built with `pidserve build --precision fp8` and run on the tensorrt backend)"
+            f"the {backend} backend runs precision {', '.join(COMPUTE_DTYPES)}, not {precision!r}"
         )
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -78,7 +83,8 @@ def _check_device_and_precision(backend: str, device: str, precision: str) -> to
 
 
 class TorchEngine(Engine):
-    """Eager PyTorch on CPU or GPU, fp32 or bf16. Any batch size up to max_batch, any output size."""
+    """Eager PyTorch on CPU or GPU, fp32, bf16 or fp8 (BF16 with FP8 matmuls: fp8_linear.py).
+    Any batch size up to max_batch, any output size."""
 
     backend = "torch"
 
@@ -101,7 +107,10 @@ class TorchEngine(Engine):
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             log.info("fp32 on CUDA: TF32 disabled for matmuls and convolutions (process-wide)")
-        self.net = net.to(device=self.device, dtype=TORCH_DTYPES[precision]).eval()
+        self.net = net.to(device=self.device, dtype=COMPUTE_DTYPES[precision]).eval()
+        if precision == "fp8":
+            check_fp8_matmul(self.device)
+            log.info("fp8: %s", convert_to_fp8(self.net).summary())
         cfg = net.cfg
         if batch_sizes is not None:
             batch_sizes = tuple(sorted(set(batch_sizes)))

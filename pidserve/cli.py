@@ -247,7 +247,9 @@ def decode(
     variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
     backend: Annotated[str, typer.Option(help="torch | torch-compile | onnxruntime | tensorrt")] = "torch",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 (fp8: tensorrt engines).")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="fp32 | bf16 | fp8 (FP8 matmuls, GPUs of cc >= 8.9).")
+    ] = "fp32",
     engine_dir: Annotated[Path | None, typer.Option(help="ONNX export or TensorRT engine directory.")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample i of a batch uses seed + i.")] = 0,
     sigma: Annotated[
@@ -361,7 +363,9 @@ def serve(
     model_name: Annotated[str | None, typer.Option(help="Name in /v1/models and /v2/models.")] = None,
     backend: Annotated[str | None, typer.Option(help="torch, torch-compile, onnxruntime, tensorrt")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N].")] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 (fp8: tensorrt engines).")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 | bf16 | fp8 (FP8 matmuls, GPUs of cc >= 8.9).")
+    ] = None,
     engine_dir: Annotated[Path | None, typer.Option(help="ONNX export or TensorRT engine directory.")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch the worker runs.")] = None,
     batch_size: Annotated[
@@ -584,7 +588,7 @@ def bench_engine(
     size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "256x256",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32 or bf16 (torch backends).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp8 (torch backends).")] = "fp32",
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 4,
     warmup: Annotated[int, typer.Option(help="Untimed decodes first.")] = 2,
     repeat: Annotated[int, typer.Option(help="Timed decodes.")] = 10,
@@ -637,7 +641,7 @@ def bench_http(
         str, typer.Option(help="Started server: torch, torch-compile, onnxruntime.")
     ] = "torch",
     device: Annotated[str, typer.Option(help="Started server: cpu or cuda.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="Started server: fp32 or bf16.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="Started server: fp32, bf16 or fp8.")] = "fp32",
     max_batch: Annotated[int, typer.Option(help="Started server: largest engine batch.")] = 8,
     max_queue_delay_ms: Annotated[
         float | None, typer.Option(help="Started server: batching delay (default: the server's).")

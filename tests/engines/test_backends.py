@@ -100,8 +100,8 @@ def test_capabilities_reject_what_the_engine_cannot_decode(tiny_v15: PiDNet) -> 
 def test_backend_and_precision_choices_are_explicit(tiny_v15: PiDNet) -> None:
     with pytest.raises(EngineConfigError, match="unknown backend 'tensorflow'"):
         open_engine("tensorflow", net=tiny_v15)
-    with pytest.raises(EngineConfigError, match="fp32 or bf16, not 'fp8'"):
-        open_engine("torch", net=tiny_v15, precision="fp8")
+    with pytest.raises(EngineConfigError, match="runs precision fp32, bf16, fp8, not 'fp16'"):
+        open_engine("torch", net=tiny_v15, precision="fp16")
     with pytest.raises(EngineConfigError, match="engine directory built by `pidserve build`"):
         open_engine("tensorrt")
     with pytest.raises(EngineConfigError, match="runs on the CPU in fp32"):
