@@ -127,10 +127,12 @@ def bench_engines(
     steps: int = 4,
     warmup: int = 2,
     repeat: int = 10,
+    compile_mode: str | None = None,
 ) -> list[EngineTiming]:
     """Every backend at every batch size, one after another in this process; a progress bar per decode.
 
-    onnxruntime always runs on the CPU in fp32 (its export is the fp32 graph).
+    onnxruntime always runs on the CPU in fp32 (its export is the fp32 graph). compile_mode goes to
+    torch-compile (None: the engine's default).
     """
     rows = []
     with tqdm(total=len(backends) * len(batches) * (warmup + repeat), desc="decodes", unit="decode") as bar:
@@ -146,6 +148,7 @@ def bench_engines(
                     precision="fp32" if ort else precision,
                     max_batch=batch_size,
                     profile=ShapeProfile(image_size, (batch_size,)),
+                    compile_mode=compile_mode if backend == "torch-compile" else None,
                 )
                 try:
                     rows.append(

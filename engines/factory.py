@@ -32,11 +32,14 @@ def open_engine(
     engine_dir: str | Path | None = None,
     profile: ShapeProfile | None = None,
     cache_dir: str | Path | None = None,
+    compile_mode: str | None = None,
 ) -> Engine:
     """Open `backend`.
 
     torch, torch-compile: run `net` on `device` in `precision`; optionally only the served
         `batch_sizes` (partial batches padded) and `image_sizes` (needed by torch-compile's warmup).
+        torch-compile takes torch.compile's `compile_mode` (default: max-autotune-no-cudagraphs on
+        CUDA, default on the CPU).
     onnxruntime: run `engine_dir` (an ONNX export); or export `net` for `profile` into a cache
         directory keyed by the weights and the profile, then run it.
     tensorrt: run the built engine directory `engine_dir` (`pidserve build`).
@@ -48,12 +51,16 @@ def open_engine(
             raise EngineConfigError(f"the {backend} backend needs a model (a checkpoint)")
         from .torch_engine import TorchCompileEngine, TorchEngine
 
-        cls = TorchEngine if backend == "torch" else TorchCompileEngine
-        return cls(
+        if backend == "torch":
+            if compile_mode is not None:
+                raise EngineConfigError("compile_mode is for the torch-compile backend only")
+            return TorchEngine(net, device, precision, max_batch, batch_sizes, image_sizes)
+        return TorchCompileEngine(
             net,
             device=device,
             precision=precision,
             max_batch=max_batch,
+            compile_mode=compile_mode,
             batch_sizes=batch_sizes,
             image_sizes=image_sizes,
         )

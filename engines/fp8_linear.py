@@ -148,6 +148,11 @@ def convert_to_fp8(net: nn.Module, exclude: tuple[str, ...] = TORCH_FP8_EXCLUDE)
     return Fp8Conversion(converted, kept)
 
 
+def has_fp8_layers(net: nn.Module) -> bool:
+    """Whether `convert_to_fp8` has already run on this network."""
+    return any(isinstance(module, Float8Linear) for module in net.modules())
+
+
 def check_fp8_matmul(device: torch.device) -> None:
     """Raise EngineConfigError unless row-wise FP8 matmuls run on `device` with this torch build."""
     if device.type == "cuda":

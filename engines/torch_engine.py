@@ -29,7 +29,7 @@ from .base import (
     seeded_noises,
     warmup_text_tokens,
 )
-from .fp8_linear import check_fp8_matmul, convert_to_fp8
+from .fp8_linear import check_fp8_matmul, convert_to_fp8, has_fp8_layers
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,16 @@ class TorchEngine(Engine):
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             log.info("fp32 on CUDA: TF32 disabled for matmuls and convolutions (process-wide)")
-        self.net = net.to(device=self.device, dtype=COMPUTE_DTYPES[precision]).eval()
+        # The engine takes the network over: it is moved and cast in place (and for fp8 converted).
+        if has_fp8_layers(net):  # converted by an earlier fp8 engine: a cast would ruin its FP8 weights
+            if precision != "fp8":
+                raise EngineConfigError(
+                    "this network's matmuls were converted to FP8 by another engine; "
+                    f"load it again for {precision}"
+                )
+            self.net = net.to(device=self.device).eval()
+        else:
+            self.net = net.to(device=self.device, dtype=COMPUTE_DTYPES[precision]).eval()
         if precision == "fp8":
             check_fp8_matmul(self.device)
             log.info("fp8: %s", convert_to_fp8(self.net).summary())

@@ -589,6 +589,12 @@ def bench_engine(
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp8 (torch backends).")] = "fp32",
+    compile_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="torch-compile's torch.compile mode (default: max-autotune-no-cudagraphs on CUDA)."
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 4,
     warmup: Annotated[int, typer.Option(help="Untimed decodes first.")] = 2,
     repeat: Annotated[int, typer.Option(help="Timed decodes.")] = 10,
@@ -612,6 +618,7 @@ def bench_engine(
             steps=steps,
             warmup=warmup,
             repeat=repeat,
+            compile_mode=compile_mode,
         )
     except (EngineConfigError, EngineInputError) as exc:
         raise _fail(str(exc)) from None

@@ -102,6 +102,8 @@ def test_backend_and_precision_choices_are_explicit(tiny_v15: PiDNet) -> None:
         open_engine("tensorflow", net=tiny_v15)
     with pytest.raises(EngineConfigError, match="runs precision fp32, bf16, fp8, not 'fp16'"):
         open_engine("torch", net=tiny_v15, precision="fp16")
+    with pytest.raises(EngineConfigError, match="compile_mode is for the torch-compile backend only"):
+        open_engine("torch", net=tiny_v15, compile_mode="reduce-overhead")
     with pytest.raises(EngineConfigError, match="engine directory built by `pidserve build`"):
         open_engine("tensorrt")
     with pytest.raises(EngineConfigError, match="runs on the CPU in fp32"):

@@ -117,6 +117,19 @@ def test_fp8_torch_compile_matches_fp8_eager_on_cpu() -> None:
     assert _psnr(compiled, eager) > 40.0  # fused quantization may round a few values differently
 
 
+@needs_cpu_fp8
+def test_engines_share_a_converted_network_only_in_fp8() -> None:
+    """bench engine opens torch and torch-compile on one network; the second finds it converted."""
+    net = load_default_decoder()
+    open_engine("torch", net=net, precision="fp8")
+    weight = net.get_submodule("patch_blocks.0.attn.qkv_x").weight
+    open_engine("torch-compile", net=net, precision="fp8")
+    assert net.get_submodule("patch_blocks.0.attn.qkv_x").weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(weight.float(), net.get_submodule("patch_blocks.0.attn.qkv_x").weight.float())
+    with pytest.raises(EngineConfigError, match="converted to FP8 by another engine; load it again for bf16"):
+        open_engine("torch", net=net, precision="bf16")
+
+
 def test_a_device_without_fp8_matmuls_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     """What torch 2.11 on the CPU answers (its _scaled_mm takes per-tensor scales only)."""
 
