@@ -820,6 +820,52 @@ def bench_cascade_cmd(
     )
 
 
+@bench_app.command("kernels")
+def bench_kernels_cmd(
+    ctx: typer.Context,
+    preset: Annotated[
+        str, typer.Option(help="Model whose shapes to use (weights play no part).")
+    ] = "pid-tiny",
+    size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "256x256",
+    batch: Annotated[int, typer.Option(help="Images per call.")] = 1,
+    operations: Annotated[
+        str, typer.Option(help="Comma-separated: postprocess, pixel-modulation, copy.")
+    ] = "postprocess,pixel-modulation,copy",
+    impls: Annotated[
+        str | None, typer.Option(help="Comma-separated torch, torch-compile, triton (default: all that run).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "bf16",
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.")] = 3,
+    repeat: Annotated[int, typer.Option(help="Timed calls.")] = 20,
+    out: _OutOpt = None,
+) -> None:
+    """Memory-bound hot spots: each implementation's time and GB/s against the bytes it must move."""
+    import torch
+
+    from pidserve.bench import report
+    from pidserve.bench.kernels import KernelSetup, bench_kernels, markdown_table, write_kernels_report
+    from pidserve.model import PiDConfig
+
+    if preset not in PRESETS_NAMES():
+        raise _fail(f"unknown preset {preset!r}; see `pidserve info --list`")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise _fail(f"--precision must be fp32 or bf16, got {precision!r}")
+    setup = KernelSetup(
+        PiDConfig.preset(preset), _parse_size(size), batch, device, dtypes[precision], warmup, repeat
+    )
+    chosen = None if impls is None else tuple(impls.split(","))
+    try:
+        rows = bench_kernels(setup, tuple(operations.split(",")), chosen)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(markdown_table(rows))
+    _write_bench_report(
+        write_kernels_report, out or Path("bench/out/kernels"), rows, command=report.command_line(ctx)
+    )
+
+
 @bench_app.command("codecs")
 def bench_codecs(
     ctx: typer.Context,

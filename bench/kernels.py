@@ -1,0 +1,231 @@
+"""`pidserve bench kernels`: the memory-bound hot spots, each implementation against the bytes it must move.
+
+kernels/README.md's rule is that a hand-written kernel stays only when a GPU benchmark shows it pays.
+This is that benchmark. For each operation it times every implementation that runs on the device, checks
+that they agree with the plain-torch reference (a wrong kernel is refused, not timed), and reports the
+effective bandwidth: the bytes the operation must read and write at least, divided by its time. A memory-
+bound operation cannot beat the device's copy bandwidth, so an implementation near it leaves nothing to
+gain, and one far below it is where a kernel could pay.
+
+Operations, at the shapes of a model and output size:
+    postprocess       decoded float [B, 3, H, W] -> uint8 [B, H, W, 3] (kernels/postprocess.py)
+                      impls: torch (the reference, eager), torch-compile (of the reference), triton (CUDA)
+    pixel-modulation  the pixel blocks' modulate(rms_norm(x), shift, scale) over x [B*L, P*P, pd] with
+                      shift and scale read from the modulation output [B*L, P*P, 6, pd], twice per block
+                      (model/network.py PixelBlock); impls: torch (eager), torch-compile. No kernel exists:
+                      this decides whether one is worth writing (the team's second candidate)
+    copy              a device-to-device copy of the pixel-modulation input: the bandwidth ceiling
+
+Timing: CUDA events around each call on a GPU (after warm-up), wall clock on the CPU; median and p90
+over `repeat` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pidserve.kernels import postprocess, postprocess_reference, triton_available
+from pidserve.model import PiDConfig
+from pidserve.model.layers import RMSNorm, modulate
+
+from . import report
+from .stats import Summary
+
+log = logging.getLogger(__name__)
+
+OPERATIONS = ("postprocess", "pixel-modulation", "copy")
+IMPLS = ("torch", "torch-compile", "triton")
+
+
+@dataclass
+class KernelTiming:
+    operation: str
+    impl: str
+    device: str
+    dtype: str
+    shape: list[int]  # the operation's main input
+    ms_median: float
+    ms_p90: float
+    bytes_moved: int  # the least the operation must read and write
+    gbytes_per_s: float  # bytes_moved / median time
+    max_abs_diff: float  # against the torch reference (0 for the reference itself)
+
+
+@dataclass
+class KernelSetup:
+    cfg: PiDConfig
+    image_size: tuple[int, int]
+    batch: int = 1
+    device: str = "cpu"
+    dtype: torch.dtype = torch.bfloat16
+    warmup: int = 3
+    repeat: int = 20
+
+
+def available_impls(operation: str, device: torch.device) -> tuple[str, ...]:
+    """The implementations of `operation` that run on `device`."""
+    if operation == "postprocess":
+        gpu_kernel = device.type == "cuda" and triton_available()
+        return ("torch", "torch-compile", "triton") if gpu_kernel else ("torch", "torch-compile")
+    if operation == "pixel-modulation":
+        return ("torch", "torch-compile")
+    return ("torch",)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> Summary:
+    """Seconds per call of fn (CUDA events on a GPU, so only device time between the events counts)."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeat):
+            begin = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - begin)
+    return Summary.of(samples)
+
+
+def _postprocess_case(setup: KernelSetup, device: torch.device) -> tuple[list[int], int, dict[str, Callable]]:
+    height, width = setup.image_size
+    g = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(setup.batch, 3, height, width, generator=g, device=device) * 0.6).to(setup.dtype)
+    out = torch.empty(setup.batch, height, width, 3, dtype=torch.uint8, device=device)
+    compiled = torch.compile(postprocess_reference, dynamic=False)
+    calls = {
+        "torch": lambda: postprocess_reference(x),
+        "torch-compile": lambda: compiled(x),
+        "triton": lambda: postprocess(x, out=out, impl="triton"),
+    }
+    return list(x.shape), x.numel() * x.element_size() + out.numel(), calls
+
+
+def _pixel_tokens_shape(setup: KernelSetup) -> list[int]:
+    """[B*L, P*P, pd]: the pixel blocks' tokens, one row of P*P pixels per patch."""
+    cfg, (height, width) = setup.cfg, setup.image_size
+    patches = setup.batch * (height // cfg.patch_size) * (width // cfg.patch_size)
+    return [patches, cfg.patch_size**2, cfg.pixel_hidden_size]
+
+
+def _pixel_modulation_case(
+    setup: KernelSetup, device: torch.device
+) -> tuple[list[int], int, dict[str, Callable]]:
+    patches, pixels, pd = _pixel_tokens_shape(setup)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(patches, pixels, pd, generator=g, device=device).to(setup.dtype)
+    mod = (torch.randn(patches, pixels, 6, pd, generator=g, device=device) * 0.1).to(setup.dtype)
+    shift, scale = mod[:, :, 0], mod[:, :, 1]  # strided views, as PixelBlock's unbind gives them
+    norm = RMSNorm(pd).to(device=device, dtype=setup.dtype)
+
+    def eager() -> torch.Tensor:
+        return modulate(norm(x), shift, scale)
+
+    compiled = torch.compile(eager, dynamic=False)
+    # read x, shift and scale, write the result: 4 tensors of x's size
+    return list(x.shape), 4 * x.numel() * x.element_size(), {"torch": eager, "torch-compile": compiled}
+
+
+def _copy_case(setup: KernelSetup, device: torch.device) -> tuple[list[int], int, dict[str, Callable]]:
+    shape = _pixel_tokens_shape(setup)
+    source = torch.zeros(shape, dtype=setup.dtype, device=device)
+    target = torch.empty_like(source)
+    return shape, 2 * source.numel() * source.element_size(), {"torch": lambda: target.copy_(source)}
+
+
+CASES = {"postprocess": _postprocess_case, "pixel-modulation": _pixel_modulation_case, "copy": _copy_case}
+
+
+def bench_kernels(
+    setup: KernelSetup, operations: tuple[str, ...] = OPERATIONS, impls: tuple[str, ...] | None = None
+) -> list[KernelTiming]:
+    """Every operation x implementation that runs on the device; impls=None: all of them."""
+    device = torch.device(setup.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {setup.device!r} was asked for but CUDA is not available on this machine")
+    unknown = [op for op in operations if op not in CASES]
+    if unknown:
+        raise ValueError(f"unknown operation(s) {unknown}; choose from {', '.join(OPERATIONS)}")
+    rows: list[KernelTiming] = []
+    for operation in operations:
+        runnable = available_impls(operation, device)
+        chosen = runnable if impls is None else tuple(i for i in impls if i in runnable)
+        if (
+            impls is not None
+            and "triton" in impls
+            and operation == "postprocess"
+            and "triton" not in runnable
+        ):
+            raise ValueError("the triton postprocess kernel needs a CUDA device with Triton installed")
+        shape, bytes_moved, calls = CASES[operation](setup, device)
+        with torch.inference_mode():
+            reference = calls["torch"]()
+            for impl in chosen:
+                diff = _max_abs_diff(calls[impl](), reference)
+                if operation == "postprocess" and diff != 0:
+                    raise AssertionError(f"{impl} postprocess differs from the reference by {diff} levels")
+                summary = time_call(calls[impl], device, setup.warmup, setup.repeat)
+                rows.append(
+                    KernelTiming(
+                        operation=operation,
+                        impl=impl,
+                        device=str(device),
+                        dtype=str(setup.dtype).removeprefix("torch."),
+                        shape=shape,
+                        ms_median=summary.median * 1e3,
+                        ms_p90=summary.p90 * 1e3,
+                        bytes_moved=bytes_moved,
+                        gbytes_per_s=bytes_moved / summary.median / 1e9,
+                        max_abs_diff=diff,
+                    )
+                )
+                log.info("%s %s: %.3f ms", operation, impl, summary.median * 1e3)
+    return rows
+
+
+def _max_abs_diff(a: object, b: object) -> float:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return 0.0
+    return (a.float() - b.float()).abs().max().item()
+
+
+def markdown_table(rows: list[KernelTiming]) -> str:
+    columns = ["operation", "impl", "device", "dtype", "shape", "ms (median)", "p90", "GB/s", "max |diff|"]
+    cells = [
+        [
+            r.operation,
+            r.impl,
+            r.device,
+            r.dtype,
+            "x".join(map(str, r.shape)),
+            f"{r.ms_median:.3f}",
+            f"{r.ms_p90:.3f}",
+            f"{r.gbytes_per_s:.1f}",
+            f"{r.max_abs_diff:.3g}",
+        ]
+        for r in rows
+    ]
+    return report.markdown_table(columns, cells)
+
+
+def write_kernels_report(
+    out_dir: Path, rows: list[KernelTiming], *, command: str | None = None
+) -> list[Path]:
+    """kernels.json and kernels.md; returns the paths."""
+    json_path = report.write_report(
+        out_dir, "kernels", [asdict(r) for r in rows], markdown_table(rows), command=command
+    )
+    return [json_path, out_dir / "kernels.md"]

@@ -1,0 +1,66 @@
+"""`pidserve bench kernels` on the CPU: the implementations that run here, their bytes, the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pidserve.bench.kernels import KernelSetup, available_impls, bench_kernels
+from pidserve.cli import app
+from pidserve.model import PiDConfig
+
+
+def _setup(**overrides) -> KernelSetup:
+    fields = dict(cfg=PiDConfig.preset("pid-tiny"), image_size=(64, 96), batch=2, warmup=1, repeat=2)
+    return KernelSetup(**(fields | overrides))
+
+
+def test_every_runnable_implementation_is_timed_and_checked_against_the_reference() -> None:
+    rows = bench_kernels(_setup())
+    assert [(r.operation, r.impl) for r in rows] == [
+        ("postprocess", "torch"),
+        ("postprocess", "torch-compile"),
+        ("pixel-modulation", "torch"),
+        ("pixel-modulation", "torch-compile"),
+        ("copy", "torch"),
+    ]
+    post, _, modulation, compiled_modulation, copy = rows
+    # bf16 [2, 3, 64, 96] read once, uint8 [2, 64, 96, 3] written once
+    assert post.shape == [2, 3, 64, 96] and post.bytes_moved == 2 * 3 * 64 * 96 * 2 + 2 * 64 * 96 * 3
+    assert post.max_abs_diff == 0.0
+    # pid-tiny: 16x16 patches of 8 channels; 2 * (64/16) * (96/16) = 48 patches
+    assert modulation.shape == [48, 256, 8] and modulation.bytes_moved == 4 * 48 * 256 * 8 * 2
+    assert compiled_modulation.max_abs_diff < 0.1  # bf16 rounding of a differently fused computation
+    assert copy.bytes_moved == 2 * 48 * 256 * 8 * 2 and copy.max_abs_diff == 0.0
+    for row in rows:
+        assert 0 < row.ms_median <= row.ms_p90
+        assert row.gbytes_per_s == pytest.approx(row.bytes_moved / (row.ms_median / 1e3) / 1e9)
+
+
+def test_the_triton_kernel_is_offered_only_on_a_gpu() -> None:
+    assert "triton" not in available_impls("postprocess", torch.device("cpu"))
+    with pytest.raises(ValueError, match="triton postprocess kernel needs a CUDA device"):
+        bench_kernels(_setup(), ("postprocess",), ("triton",))
+    with pytest.raises(ValueError, match=r"unknown operation\(s\) \['softmax'\]"):
+        bench_kernels(_setup(), ("softmax",))
+
+
+def test_bench_kernels_command_writes_its_report(tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["bench", "kernels", "--size", "64x64", "--repeat", "2", "--warmup", "1"]
+    result = runner.invoke(
+        app, [*args, "--operations", "postprocess", "--impls", "torch", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert [(r["operation"], r["impl"]) for r in report["results"]] == [("postprocess", "torch")]
+    assert "| postprocess | torch | cpu | bfloat16 | 1x3x64x64 |" in (tmp_path / "kernels.md").read_text()
+
+    refused = runner.invoke(app, [*args, "--impls", "triton", "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and "needs a CUDA device with Triton" in refused.output
+    refused = runner.invoke(app, [*args, "--precision", "fp8"])
+    assert refused.exit_code == 2 and "--precision must be fp32 or bf16" in refused.output
