@@ -12,7 +12,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pidserve-installed
 
-.PHONY: install test lint serve clean default-model
+.PHONY: install test lint serve clean default-model gpu-wheels
 
 install: $(STAMP)
 
@@ -47,3 +47,17 @@ default-model: $(STAMP)
 	$(BIN)/pidserve train teacher -c recipes/pid_tiny_teacher.toml
 	$(BIN)/pidserve train distill -c recipes/pid_tiny_distill.toml
 	cp runs/pid-tiny-distill/student.safetensors model/weights/pid-tiny.safetensors
+
+# Wheels for an offline GPU machine whose image has torch, triton, numpy, safetensors, pillow, tqdm,
+# httpx, prometheus-client and nvidia-ml-py but not the rest of pidserve's dependencies (the lent
+# H100/H200 machines: Python 3.12, x86-64). Same versions as this venv; bench/gpu_suite.sh installs them.
+GPU_WHEEL_PACKAGES := pydantic pydantic-core pydantic-settings python-dotenv annotated-types \
+	typing-inspection annotated-doc fastapi starlette uvicorn typer fpng simplejpeg
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip freeze | grep -iE '^($(subst -,[-_],$(subst $() ,|,$(GPU_WHEEL_PACKAGES))))==' > .whl/requirements.txt
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl -r .whl/requirements.txt
+	@ls .whl

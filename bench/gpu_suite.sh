@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, in stages that each fit in a 10-minute slot on an H100/H200.
+#
+#   bash bench/gpu_suite.sh STAGE [STAGE ...]
+#
+# Stages, in the order to run them:
+#   tests     nvidia-smi, then every gpu-marked test (engines, FP8, kernels)
+#   kernels   bench kernels at 2048², bf16: postprocess (torch / torch-compile / Triton), pixel-block
+#             modulation (torch / torch-compile), and the device's copy bandwidth as the ceiling
+#   eager     bench engine, 2k_flux random weights at 2048², bf16, torch backend, batch 1/2/4
+#   compile   the same on torch and torch-compile side by side (torch.compile mode: $COMPILE_MODE,
+#             default "default"; the serving default max-autotune-no-cudagraphs autotunes for minutes)
+#   fp8       the same in fp8 (FP8 matmuls through torch._scaled_mm), torch and torch-compile
+#
+# Environment: OUT (results folder, default bench/out/gpu), BATCHES (default 1,2,4), REPEAT (default 10),
+# PYTHON (default python3), WHEELS (wheels to install first, default .whl). Each stage writes OUT/<stage>/ and OUT/<stage>.log, and packs the folder
+# into OUT/<stage>.tar.gz (one file to copy back from a remote machine).
+#
+# On a machine without network access (the lent GPU machines), first run `make gpu-wheels` where pip
+# works: it downloads pidserve's pure-Python and binary dependencies that such images lack into .whl/
+# (Python 3.12, x86-64); this script installs them from there. Torch, Triton, NumPy and friends are the
+# machine's own.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out/gpu}
+PYTHON=${PYTHON:-python3}
+BATCHES=${BATCHES:-1,2,4}
+REPEAT=${REPEAT:-10}
+COMPILE_MODE=${COMPILE_MODE:-default}
+WHEELS=${WHEELS:-.whl}
+FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
+
+if [ $# -eq 0 ]; then
+    sed -n '2,23p' "$0"
+    exit 2
+fi
+
+install() {
+    if compgen -G "$WHEELS/*.whl" >/dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/pidserve-site \
+            "$WHEELS"/*.whl
+        export PYTHONPATH=/tmp/pidserve-site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    if ! "$PYTHON" -c "import pidserve.cli" 2>/dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+    fi
+    "$PYTHON" -c "import torch, pidserve; print('pidserve', pidserve.__version__, 'torch', torch.__version__, \
+'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"
+}
+
+run_stage() {
+    local stage=$1 dir=$OUT/$1
+    mkdir -p "$dir"
+    case $stage in
+        tests)
+            nvidia-smi | tee "$dir/nvidia-smi.txt"
+            "$PYTHON" -m pytest -m gpu -rs -v tests/engines tests/kernels --junitxml "$dir/junit.xml"
+            ;;
+        kernels)
+            "$PYTHON" -m pidserve.cli bench kernels --preset 2k_flux --size 2048x2048 --batch 1 \
+                --device cuda --precision bf16 --repeat 50 --out "$dir"
+            ;;
+        eager)
+            "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision bf16 --backends torch --out "$dir"
+            ;;
+        compile)
+            "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision bf16 --backends torch,torch-compile \
+                --compile-mode "$COMPILE_MODE" --out "$dir"
+            ;;
+        fp8)
+            "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision fp8 --backends torch,torch-compile \
+                --compile-mode "$COMPILE_MODE" --out "$dir"
+            ;;
+        *)
+            echo "unknown stage '$stage'; stages: tests kernels eager compile fp8" >&2
+            return 2
+            ;;
+    esac
+}
+
+install
+status=0
+for stage in "$@"; do
+    echo "=== $stage ($(date -u +%FT%TZ))"
+    mkdir -p "$OUT"
+    # A failing stage is recorded and the next one still runs: every stage's output is worth having.
+    if ! run_stage "$stage" 2>&1 | tee "$OUT/$stage.log"; then
+        echo "=== $stage FAILED" | tee -a "$OUT/$stage.log"
+        status=1
+    fi
+    tar -czf "$OUT/$stage.tar.gz" -C "$OUT" "$stage" "$stage.log"
+done
+exit $status

@@ -1,0 +1,45 @@
+"""bench/gpu_suite.sh, to the boundary that runs without a GPU: lint, usage, stage bookkeeping."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "bench" / "gpu_suite.sh"
+
+
+def _run(*args: str, out: Path) -> subprocess.CompletedProcess[str]:
+    # no wheels to install: this test's Python already has pidserve's dependencies
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WHEELS": str(out / "no-wheels")}
+    return subprocess.run(
+        ["bash", str(SUITE), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_suite_and_the_ci_script_pass_shellcheck() -> None:
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    done = subprocess.run(
+        [str(shellcheck), str(SUITE), str(ROOT / ".ci" / "run")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_without_a_stage_it_prints_its_usage(tmp_path: Path) -> None:
+    done = _run(out=tmp_path)
+    assert done.returncode == 2
+    assert "Stages, in the order to run them:" in done.stdout and "fp8" in done.stdout
+
+
+def test_a_failing_stage_is_logged_packed_and_the_next_stage_still_runs(tmp_path: Path) -> None:
+    done = _run("warp-drive", "also-unknown", out=tmp_path)
+    assert done.returncode == 1
+    assert "torch" in done.stdout and "NO GPU" in done.stdout  # what the install step found
+    for stage in ("warp-drive", "also-unknown"):
+        log = (tmp_path / f"{stage}.log").read_text()
+        assert f"unknown stage '{stage}'" in log and f"=== {stage} FAILED" in log
+        with tarfile.open(tmp_path / f"{stage}.tar.gz") as packed:
+            assert sorted(packed.getnames()) == [stage, f"{stage}.log"]
