@@ -32,7 +32,7 @@ WHEELS=${WHEELS:-.whl}
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
-    sed -n '2,23p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
 fi
 
