@@ -42,7 +42,7 @@ install() {
             "$WHEELS"/*.whl
         export PYTHONPATH=/tmp/pidserve-site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    if ! "$PYTHON" -c "import pidserve.cli" 2>/dev/null; then
+    if ! "$PYTHON" -c "import pidserve.engines, pidserve.cli" 2>/dev/null; then
         "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .
     fi
     "$PYTHON" -c "import torch, pidserve; print('pidserve', pidserve.__version__, 'torch', torch.__version__, \
