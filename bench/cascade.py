@@ -35,6 +35,7 @@ from pidserve.engines import DecodeBatch, open_engine
 from pidserve.engines.base import StageTimer
 from pidserve.model import PiDConfig, PiDNet, sample_teacher
 from pidserve.model.latents import get_latent_space
+from pidserve.model.vae_decoder import VAE_CONFIGS, VAEDecoder, load_vae_decoder
 
 from . import plots, report
 from .stats import Summary, ratio
@@ -49,16 +50,30 @@ Pipeline = Callable[
 ]  # latents -> (uint8 BHWC, stages s)
 
 
-def latent_decoder(latent_space: str, device: torch.device) -> torch.nn.Module:
-    """The decoder of the latent space's own autoencoder: the first half of every cascade."""
+def latent_decoder(
+    latent_space: str, device: torch.device, weights: Path | None = None
+) -> tuple[torch.nn.Module, str]:
+    """The decoder of the latent space's own autoencoder (the first half of every cascade), and a
+    description of it. FLUX.1, SD3 and SDXL VAE decoders get random weights unless `weights` names a
+    VAE file: the time of a decode does not depend on its weights."""
     if latent_space == "tiny-ae":
+        if weights is not None:
+            raise ValueError("tiny-ae's decoder is the embedded default's; --vae is for flux1, sd3 and sdxl")
         from pidserve.model.default import load_default_autoencoder
 
-        return load_default_autoencoder(device)
+        return load_default_autoencoder(device), "tiny-ae decoder"
+    if latent_space in VAE_CONFIGS:
+        if weights is None:
+            torch.manual_seed(0)
+            return VAEDecoder(VAE_CONFIGS[latent_space]).to(
+                device
+            ).eval(), f"{latent_space} VAE decoder (random weights)"
+        return load_vae_decoder(weights, latent_space).to(
+            device
+        ), f"{latent_space} VAE decoder ({weights.name})"
     raise ValueError(
         f"bench cascade needs the '{latent_space}' autoencoder's decoder, which this project does not "
-        "include (it has tiny-ae's, the embedded default's); run it with the embedded default or a "
-        "tiny-ae model"
+        f"include (it has tiny-ae's and the {', '.join(VAE_CONFIGS)} VAE decoders)"
     )
 
 
@@ -197,6 +212,7 @@ class CascadeSetup:
     precision: str = "fp32"
     warmup: int = 1
     repeat: int = 5
+    vae: Path | None = None  # real VAE weights for flux1/sd3/sdxl (default: random)
 
 
 def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
@@ -215,7 +231,8 @@ def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
         width // scale,
         generator=torch.Generator().manual_seed(0),
     )
-    decoder = latent_decoder(cfg.latent_space, device).to(dtype).eval()
+    decoder, decoder_name = latent_decoder(cfg.latent_space, device, setup.vae)
+    decoder = decoder.to(dtype).eval()
     torch.manual_seed(0)
     sr_net = PiDNet(sr_model_config(cfg)).to(device=device, dtype=dtype).eval()
     pid_params = sum(p.numel() for p in net.parameters()) / 1e6
@@ -231,7 +248,7 @@ def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
         ),
         (
             "decode+bicubic",
-            f"{cfg.latent_space} decoder, bicubic x{cfg.sr_scale}",
+            f"{decoder_name}, bicubic x{cfg.sr_scale}",
             decoder_params,
             decode_then_bicubic(decoder, cfg.latent_space, cfg.sr_scale, dtype),
         ),
@@ -240,7 +257,7 @@ def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
         candidates.append(
             (
                 f"decode+sr-diffusion/{steps}",
-                f"{cfg.latent_space} decoder, then a PiD-sized pixel diffusion SR model (random weights), "
+                f"{decoder_name}, then a PiD-sized pixel diffusion SR model (random weights), "
                 f"{steps} Euler steps",
                 decoder_params + sr_params,
                 decode_then_sr_diffusion(decoder, cfg.latent_space, sr_net, steps, dtype),

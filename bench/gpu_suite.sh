@@ -11,6 +11,8 @@
 #   compile   the same on torch and torch-compile side by side (torch.compile mode: $COMPILE_MODE,
 #             default "default"; the serving default max-autotune-no-cudagraphs autotunes for minutes)
 #   fp8       the same in fp8 (FP8 matmuls through torch._scaled_mm), torch and torch-compile
+#   cascade   bench cascade, 2k_flux at 2048², bf16: PiD vs FLUX.1 VAE decode + bicubic and + a PiD-sized
+#             SR diffusion model at 50 and 4 steps (random weights everywhere: timing only)
 #
 # Environment: OUT (results folder, default bench/out/gpu), BATCHES (default 1,2,4), REPEAT (default 10),
 # PYTHON (default python3), WHEELS (wheels to install first, default .whl). Each stage writes OUT/<stage>/ and OUT/<stage>.log, and packs the folder
@@ -32,7 +34,7 @@ WHEELS=${WHEELS:-.whl}
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
-    sed -n '2,22p' "$0"
+    sed -n '2,24p' "$0"
     exit 2
 fi
 
@@ -72,8 +74,12 @@ run_stage() {
             "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision fp8 --backends torch,torch-compile \
                 --compile-mode "$COMPILE_MODE" --out "$dir"
             ;;
+        cascade)
+            "$PYTHON" -m pidserve.cli bench cascade --preset 2k_flux --size 2048x2048 --device cuda \
+                --precision bf16 --sr-steps 50,4 --warmup 1 --repeat 3 --out "$dir"
+            ;;
         *)
-            echo "unknown stage '$stage'; stages: tests kernels eager compile fp8" >&2
+            echo "unknown stage '$stage'; stages: tests kernels eager compile fp8 cascade" >&2
             return 2
             ;;
     esac

@@ -776,6 +776,12 @@ def bench_cascade_cmd(
     photos: Annotated[
         Path | None, typer.Option(help="Held-out photos: add quality figures (PiD and decode+bicubic).")
     ] = None,
+    vae: Annotated[
+        Path | None,
+        typer.Option(
+            help="flux1/sd3/sdxl models: VAE weights (.safetensors) for the decoder (default: random)."
+        ),
+    ] = None,
     out: _OutOpt = None,
     plots: _PlotsOpt = True,
 ) -> None:
@@ -803,6 +809,7 @@ def bench_cascade_cmd(
         precision=precision,
         warmup=warmup,
         repeat=repeat,
+        vae=vae,
     )
     try:
         rows = bench_cascade(net, setup)

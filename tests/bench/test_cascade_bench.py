@@ -22,8 +22,9 @@ from pidserve.bench.cascade import (
     time_interleaved,
 )
 from pidserve.cli import app
-from pidserve.model import PiDNet
+from pidserve.model import PiDConfig, PiDNet
 from pidserve.model.default import decode_latent_cascade, load_default_decoder
+from pidserve.model.vae_decoder import VAEDecoder
 
 from .plots_check import assert_is_plot
 
@@ -47,7 +48,8 @@ def test_the_sr_model_has_pids_backbone_and_reads_an_image(pid_tiny: PiDNet) -> 
 
 
 def test_decode_then_bicubic_is_the_quality_baseline_in_uint8(pid_tiny: PiDNet) -> None:
-    decoder = latent_decoder("tiny-ae", torch.device("cpu"))
+    decoder, name = latent_decoder("tiny-ae", torch.device("cpu"))
+    assert name == "tiny-ae decoder"
     latents = torch.randn(2, 16, 2, 3, generator=torch.Generator().manual_seed(1))
     pixels, stages = decode_then_bicubic(decoder, "tiny-ae", 4, torch.float32)(latents)
     assert pixels.dtype == torch.uint8 and pixels.shape == (2, 64, 96, 3)
@@ -58,7 +60,7 @@ def test_decode_then_bicubic_is_the_quality_baseline_in_uint8(pid_tiny: PiDNet) 
 
 
 def test_decode_then_sr_diffusion_writes_the_output_size(pid_tiny: PiDNet) -> None:
-    decoder = latent_decoder("tiny-ae", torch.device("cpu"))
+    decoder, _ = latent_decoder("tiny-ae", torch.device("cpu"))
     sr = PiDNet(sr_model_config(pid_tiny.cfg)).eval()
     pixels, stages = decode_then_sr_diffusion(decoder, "tiny-ae", sr, 2, torch.float32)(
         torch.randn(1, 16, 2, 2)
@@ -67,9 +69,25 @@ def test_decode_then_sr_diffusion_writes_the_output_size(pid_tiny: PiDNet) -> No
     assert stages["sr_diffusion"] > 0
 
 
-def test_only_latent_spaces_with_a_decoder_here_can_cascade() -> None:
-    with pytest.raises(ValueError, match="'flux1' autoencoder's decoder"):
-        latent_decoder("flux1", torch.device("cpu"))
+def test_only_latent_spaces_with_a_decoder_here_can_cascade(tmp_path: Path) -> None:
+    decoder, name = latent_decoder("flux1", torch.device("cpu"))
+    assert name == "flux1 VAE decoder (random weights)" and isinstance(decoder, VAEDecoder)
+    with pytest.raises(
+        ValueError, match="'flux2' autoencoder's decoder, which this project does not include"
+    ):
+        latent_decoder("flux2", torch.device("cpu"))
+    with pytest.raises(ValueError, match="--vae is for flux1, sd3 and sdxl"):
+        latent_decoder("tiny-ae", torch.device("cpu"), tmp_path / "ae.safetensors")
+
+
+def test_a_flux_model_cascades_through_the_flux_vae_decoder(tmp_path: Path) -> None:
+    """tiny_v1 decodes flux1 latents: its cascade runs the full-size FLUX.1 VAE decoder (random weights)."""
+    net = PiDNet(PiDConfig.preset("tiny_v1")).eval()
+    rows = bench_cascade(net, CascadeSetup(image_size=(64, 64), sr_steps=[1], warmup=0, repeat=1))
+    assert [r.name for r in rows] == ["pid", "decode+bicubic", "decode+sr-diffusion/1"]
+    assert rows[1].description == "flux1 VAE decoder (random weights), bicubic x4"
+    assert rows[1].parameters_millions == pytest.approx(49.545475)
+    assert rows[1].stages_ms_per_image["latent_decode"] > 0
 
 
 def test_time_interleaved_takes_turns_and_reports_per_image() -> None:
@@ -127,8 +145,12 @@ def test_cli_runs_every_pipeline_and_writes_the_report(tmp_path: Path) -> None:
 def test_cli_refuses_bad_sizes_and_latent_spaces(tmp_path: Path) -> None:
     odd = CliRunner().invoke(app, ["bench", "cascade", "--size", "48x48", "--out", str(tmp_path)])
     assert odd.exit_code == 2 and "must be a multiple of 32" in odd.output
-    flux = CliRunner().invoke(app, ["bench", "cascade", "--preset", "tiny_v1", "--out", str(tmp_path)])
-    assert flux.exit_code == 2 and "autoencoder's decoder" in flux.output
+    flux2 = CliRunner().invoke(app, ["bench", "cascade", "--preset", "tiny_v1.5", "--out", str(tmp_path)])
+    assert flux2.exit_code == 2 and "'flux2' autoencoder's decoder" in flux2.output
+    missing = tmp_path / "ae.safetensors"
+    args = ["bench", "cascade", "--preset", "tiny_v1", "--vae", str(missing), "--out", str(tmp_path)]
+    no_vae = CliRunner().invoke(app, args)
+    assert no_vae.exit_code == 2 and "not a .safetensors file" in no_vae.output
 
 
 def test_quality_needs_square_crops(pid_tiny: PiDNet, tmp_path: Path) -> None:
