@@ -130,11 +130,15 @@ def convert_to_fp8(net: nn.Module, exclude: tuple[str, ...] = TORCH_FP8_EXCLUDE)
     """Replace, in place, every eligible nn.Linear of a BF16 network by a Float8Linear.
 
     Call it after the network is on its device and in BF16 (a later `.to(dtype)` would cast the
-    FP8 weights). Layers already converted are left as they are, so converting twice is harmless.
+    FP8 weights). Layers already converted are left as they are (and listed as converted), so
+    converting twice is harmless.
     """
     converted: list[str] = []
     kept: dict[str, str] = {}
     for name, module in list(net.named_modules()):
+        if isinstance(module, Float8Linear):  # converted by an earlier call
+            converted.append(name)
+            continue
         if not isinstance(module, nn.Linear):
             continue
         reason = fp8_eligible(name, module, exclude)

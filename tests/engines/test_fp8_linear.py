@@ -78,8 +78,11 @@ def test_conversion_keeps_small_excluded_and_per_sample_layers_in_bf16() -> None
     assert kept["pixel_blocks.0.mlp.fc1"].startswith("too small (8 -> ")
     assert isinstance(net.get_submodule("pixel_blocks.0.mlp.fc1"), nn.Linear)
     assert conversion.summary() == f"{len(converted)} Linear layers in FP8, {len(kept)} kept in BF16"
-    # a second pass finds nothing left to convert
-    assert convert_to_fp8(net).converted == []
+    # a second pass changes nothing and reports the same layers
+    weight = net.get_submodule("patch_blocks.0.attn.qkv_x").weight
+    again = convert_to_fp8(net)
+    assert again.converted == conversion.converted and again.kept_bf16 == kept
+    assert net.get_submodule("patch_blocks.0.attn.qkv_x").weight is weight
 
 
 def _photo_latents() -> DecodeBatch:
