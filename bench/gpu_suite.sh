@@ -13,10 +13,12 @@
 #   fp8       the same in fp8 (FP8 matmuls through torch._scaled_mm), torch and torch-compile
 #   cascade   bench cascade, 2k_flux at 2048², bf16: PiD vs FLUX.1 VAE decode + bicubic and + a PiD-sized
 #             SR diffusion model at 50 and 4 steps (random weights everywhere: timing only)
+#   http      bench http on a started server, 2k_flux random weights at 2048², bf16, eager torch, max
+#             batch 4: raw and PNG at concurrency 1, 2, 4 (the HTTP, encoding and batching overheads)
 #
 # Environment: OUT (results folder, default bench/out/gpu), BATCHES (default 1,2,4), REPEAT (default 10),
-# PYTHON (default python3), WHEELS (wheels to install first, default .whl). Each stage writes OUT/<stage>/ and OUT/<stage>.log, and packs the folder
-# into OUT/<stage>.tar.gz (one file to copy back from a remote machine).
+# PYTHON (default python3), WHEELS (wheels to install first, default .whl). Each stage writes
+# OUT/<stage>/ and OUT/<stage>.log, and packs them into OUT/<stage>.tar.gz (one file to copy back).
 #
 # On a machine without network access (the lent GPU machines), first run `make gpu-wheels` where pip
 # works: it downloads pidserve's pure-Python and binary dependencies that such images lack into .whl/
@@ -34,7 +36,7 @@ WHEELS=${WHEELS:-.whl}
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
-    sed -n '2,24p' "$0"
+    sed -n '2,26p' "$0"
     exit 2
 fi
 
@@ -78,8 +80,13 @@ run_stage() {
             "$PYTHON" -m pidserve.cli bench cascade --preset 2k_flux --size 2048x2048 --device cuda \
                 --precision bf16 --sr-steps 50,4 --warmup 1 --repeat 3 --out "$dir"
             ;;
+        http)
+            "$PYTHON" -m pidserve.cli bench http --preset 2k_flux --size 2048x2048 --device cuda \
+                --precision bf16 --backend torch --max-batch 4 --formats raw,png --concurrency 1,2,4 \
+                --requests 24 --max-seconds 60 --out "$dir"
+            ;;
         *)
-            echo "unknown stage '$stage'; stages: tests kernels eager compile fp8 cascade" >&2
+            echo "unknown stage '$stage'; stages: tests kernels eager compile fp8 cascade http" >&2
             return 2
             ;;
     esac

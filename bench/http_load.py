@@ -99,6 +99,30 @@ def local_server(serve_args: list[str], log_path: Path, ready_timeout_s: float =
                 process.wait()
 
 
+@contextmanager
+def random_weights_checkpoint(preset: str, directory: Path, precision: str) -> Iterator[Path]:
+    """A checkpoint of `preset` with random weights (seed 0) for a started server, deleted afterwards.
+
+    Serving speed does not depend on the weights, so a 2k model can be load-tested at its real sizes
+    without its released checkpoint. Stored in BF16 unless the server runs fp32 (a 2k model is 2.8 GB
+    in BF16). The server itself never invents weights: it loads this file like any other.
+    """
+    import torch
+
+    from pidserve.model import PiDConfig, PiDNet, save_checkpoint
+
+    torch.manual_seed(0)
+    net = PiDNet(PiDConfig.preset(preset)).eval()
+    path = directory / f"random-{preset}.safetensors"
+    save_checkpoint(net, path, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+    del net
+    log.info("wrote random weights of %s to %s (deleted after the run)", preset, path)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     with tqdm(desc="starting server", unit="s", bar_format="{desc}: {elapsed}") as bar:

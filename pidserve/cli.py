@@ -644,6 +644,12 @@ def bench_http(
     variant: Annotated[
         str | None, typer.Option(help="Started server: preset of an official checkpoint.")
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Started server: a preset with random weights (e.g. 2k_flux) instead of --checkpoint."
+        ),
+    ] = None,
     backend: Annotated[
         str, typer.Option(help="Started server: torch, torch-compile, onnxruntime.")
     ] = "torch",
@@ -674,10 +680,18 @@ def bench_http(
 ) -> None:
     """Load a decode server over HTTP: latency percentiles, images/s, batching, server-side breakdown."""
     import asyncio
+    from contextlib import nullcontext
 
     from pidserve.bench import report
     from pidserve.bench.engine import bench_engines
-    from pidserve.bench.http_load import HttpPlan, NotLoopback, local_server, run_sweep, write_http_report
+    from pidserve.bench.http_load import (
+        HttpPlan,
+        NotLoopback,
+        local_server,
+        random_weights_checkpoint,
+        run_sweep,
+        write_http_report,
+    )
     from pidserve.engines import EngineConfigError
 
     out = out or Path("bench/out/http")
@@ -724,26 +738,39 @@ def bench_http(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    if preset is not None:
+        if url is not None or checkpoint != "default" or variant is not None:
+            raise _fail(
+                "--preset starts a server on random weights: leave out --url, --checkpoint and --variant"
+            )
+        if preset not in PRESETS_NAMES():
+            raise _fail(f"unknown preset {preset!r}; see `pidserve info --list`")
+    random_weights = random_weights_checkpoint(preset, out, precision) if preset else nullcontext(None)
     if url is not None:
         model, levels = sweep(url)
     else:
-        if engine_baseline:
-            time_engine_alone()  # before the server starts ...
-        serve_args = ["--checkpoint", checkpoint, "--backend", backend, "--device", device]
-        serve_args += ["--precision", precision, "--max-batch", str(max_batch), "--image-size", size]
-        if variant:
-            serve_args += ["--variant", variant]
-        if max_queue_delay_ms is not None:
-            serve_args += ["--max-queue-delay-ms", str(max_queue_delay_ms)]
-        if api_key_file:
-            serve_args += ["--api-key-file", str(api_key_file)]
-        try:
-            with local_server(serve_args, out / "server.log") as started:
-                model, levels = sweep(started)
-        except (RuntimeError, TimeoutError) as exc:
-            raise _fail(str(exc)) from None
-        if engine_baseline:
-            time_engine_alone()  # ... and after it stopped: the two bracket the machine's drift
+        with random_weights as random_checkpoint:  # a started server on random weights: its checkpoint
+            if random_checkpoint is not None:
+                checkpoint = str(random_checkpoint)
+            if engine_baseline:
+                time_engine_alone()  # before the server starts ...
+            serve_args = ["--checkpoint", checkpoint, "--backend", backend, "--device", device]
+            serve_args += ["--precision", precision, "--max-batch", str(max_batch), "--image-size", size]
+            if variant:
+                serve_args += ["--variant", variant]
+            if max_queue_delay_ms is not None:
+                serve_args += ["--max-queue-delay-ms", str(max_queue_delay_ms)]
+            if api_key_file:
+                serve_args += ["--api-key-file", str(api_key_file)]
+            try:
+                with local_server(serve_args, out / "server.log") as started:
+                    model, levels = sweep(started)
+            except (RuntimeError, TimeoutError) as exc:
+                raise _fail(str(exc)) from None
+            if engine_baseline:
+                time_engine_alone()  # ... and after it stopped: the two bracket the machine's drift
+        if preset is not None:
+            model = {**model, "weights": f"random ({preset})"}
     paths = _write_bench_report(
         write_http_report,
         out,

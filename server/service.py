@@ -91,6 +91,9 @@ def model_name(settings: ServerSettings) -> str:
 def load_model(settings: ServerSettings) -> PiDNet:
     from pidserve.model import PiDConfig, load_checkpoint
 
+    log.info(
+        "loading checkpoint %s%s", settings.checkpoint, f" ({settings.variant})" if settings.variant else ""
+    )
     if settings.checkpoint == "default":
         from pidserve.model.default import load_default_decoder
 

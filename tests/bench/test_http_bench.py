@@ -198,3 +198,24 @@ def test_starts_its_own_server_and_times_the_engine_alone(tmp_path: Path) -> Non
     assert results["levels"][0]["ok"] == 6
     log = (tmp_path / "server.log").read_text()
     assert "engine: backend=torch" in log and "drain" in log.lower()
+
+
+def test_a_preset_is_served_on_random_weights_deleted_afterwards(tmp_path: Path) -> None:
+    """bench http --preset load-tests a model without its checkpoint (speed does not depend on weights)."""
+    report = _bench(tmp_path, "--preset", "tiny_v1", "--concurrency", "1", "--formats", "raw", "--no-plots")
+    results = report["results"]
+    model = results["model"]
+    assert model["weights"] == "random (tiny_v1)" and model["name"] == "random-tiny_v1"
+    assert results["levels"][0]["ok"] == 6 and results["engine_baseline_ms_per_image"] > 0
+    assert (
+        f"loading checkpoint {tmp_path / 'random-tiny_v1.safetensors'}"
+        in (tmp_path / "server.log").read_text()
+    )
+    assert not list(tmp_path.glob("*.safetensors"))  # 2.8 GB for a 2k model: not left behind
+
+
+def test_a_preset_excludes_a_checkpoint_and_must_exist(tmp_path: Path) -> None:
+    both = CliRunner().invoke(app, ["bench", "http", "--preset", "tiny_v1", "--checkpoint", "x.safetensors"])
+    assert both.exit_code == 2 and "leave out --url, --checkpoint and --variant" in both.output
+    unknown = CliRunner().invoke(app, ["bench", "http", "--preset", "2k_pixart", "--out", str(tmp_path)])
+    assert unknown.exit_code == 2 and "unknown preset '2k_pixart'" in unknown.output
