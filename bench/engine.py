@@ -11,6 +11,7 @@ allocator), then timed over `repeat` decodes:
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import time
@@ -156,6 +157,12 @@ def bench_engines(
                     )
                 finally:
                     engine.close()
+                    # Free this engine's device memory before the next one opens: two 2048² engines with
+                    # their graphs need not fit on one GPU together, and peak memory is per engine.
+                    del engine
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
     return rows
 
 

@@ -295,6 +295,14 @@ class TorchCompileEngine(TorchEngine):
         self._graphs[key] = captured
         return captured
 
+    def close(self) -> None:
+        """Drop the captured graphs and return their memory pool's blocks to the device (a 2048² batch
+        of 4 holds tens of GB: the next engine in the process, e.g. in `bench engine`, needs them)."""
+        self._graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     def warmup(self, text_tokens: int | None = None) -> None:
         """Compile (and on CUDA capture) every served batch size x output size, 4 steps, with
         `text_tokens` text positions (None or 0: no text) — the shapes requests will bring."""
