@@ -152,9 +152,11 @@ def bench_engines(
                     compile_mode=compile_mode if backend == "torch-compile" else None,
                 )
                 try:
-                    rows.append(
-                        time_engine(engine, net.cfg, batch, warmup=warmup, repeat=repeat, progress=bar)
-                    )
+                    row = time_engine(engine, net.cfg, batch, warmup=warmup, repeat=repeat, progress=bar)
+                    rows.append(row)
+                    # Each row reaches the log as it is measured: a run stopped at a time limit (the GPU
+                    # suite's stages) still leaves the rows it finished.
+                    bar.write(row_summary(row))
                 finally:
                     engine.close()
                     # Free this engine's device memory before the next one opens: two 2048² engines with
@@ -164,6 +166,15 @@ def bench_engines(
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
     return rows
+
+
+def row_summary(r: EngineTiming) -> str:
+    """One line per measured configuration, for the log."""
+    peak = "" if r.peak_memory_bytes is None else f", peak {r.peak_memory_bytes / 2**30:.2f} GiB"
+    return (
+        f"{r.label} {r.image_size[0]}x{r.image_size[1]} on {r.device}: {r.ms_per_image_median:.1f} ms/image "
+        f"(p90 {r.ms_per_image_p90:.1f}), {r.tflops_achieved:.1f} TFLOP/s{peak}"
+    )
 
 
 def markdown_table(rows: list[EngineTiming]) -> str:

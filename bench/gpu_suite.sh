@@ -17,8 +17,10 @@
 #             batch 4: raw and PNG at concurrency 1, 2, 4 (the HTTP, encoding and batching overheads)
 #
 # Environment: OUT (results folder, default bench/out/gpu), BATCHES (default 1,2,4), REPEAT (default 10),
-# PYTHON (default python3), WHEELS (wheels to install first, default .whl). Each stage writes
-# OUT/<stage>/ and OUT/<stage>.log, and packs them into OUT/<stage>.tar.gz (one file to copy back).
+# PYTHON (default python3), WHEELS (wheels to install first, default .whl), STAGE_TIMEOUT (seconds; a
+# stage still running then is interrupted, its log keeps what it measured, and the next stage runs;
+# default: none). Each stage writes OUT/<stage>/ and OUT/<stage>.log, and packs them into
+# OUT/<stage>.tar.gz (one file to copy back).
 #
 # On a machine without network access (the lent GPU machines), first run `make gpu-wheels` where pip
 # works: it downloads pidserve's pure-Python and binary dependencies that such images lack into .whl/
@@ -33,10 +35,15 @@ BATCHES=${BATCHES:-1,2,4}
 REPEAT=${REPEAT:-10}
 COMPILE_MODE=${COMPILE_MODE:-default}
 WHEELS=${WHEELS:-.whl}
+# Interrupt (SIGINT, so Python unwinds and logs) a stage past STAGE_TIMEOUT; kill it 20 s later.
+LIMIT=()
+if [ -n "${STAGE_TIMEOUT:-}" ]; then
+    LIMIT=(timeout --signal=INT --kill-after=20 "$STAGE_TIMEOUT")
+fi
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
-    sed -n '2,26p' "$0"
+    sed -n '2,28p' "$0"
     exit 2
 fi
 
@@ -59,29 +66,29 @@ run_stage() {
     case $stage in
         tests)
             nvidia-smi | tee "$dir/nvidia-smi.txt"
-            "$PYTHON" -m pytest -m gpu -rs -v tests/engines tests/kernels --junitxml "$dir/junit.xml"
+            "${LIMIT[@]}" "$PYTHON" -m pytest -m gpu -rs -v tests/engines tests/kernels --junitxml "$dir/junit.xml"
             ;;
         kernels)
-            "$PYTHON" -m pidserve.cli bench kernels --preset 2k_flux --size 2048x2048 --batch 1 \
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench kernels --preset 2k_flux --size 2048x2048 --batch 1 \
                 --device cuda --precision bf16 --repeat 50 --out "$dir"
             ;;
         eager)
-            "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision bf16 --backends torch --out "$dir"
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision bf16 --backends torch --out "$dir"
             ;;
         compile)
-            "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision bf16 --backends torch,torch-compile \
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision bf16 --backends torch,torch-compile \
                 --compile-mode "$COMPILE_MODE" --out "$dir"
             ;;
         fp8)
-            "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision fp8 --backends torch,torch-compile \
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision fp8 --backends torch,torch-compile \
                 --compile-mode "$COMPILE_MODE" --out "$dir"
             ;;
         cascade)
-            "$PYTHON" -m pidserve.cli bench cascade --preset 2k_flux --size 2048x2048 --device cuda \
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench cascade --preset 2k_flux --size 2048x2048 --device cuda \
                 --precision bf16 --sr-steps 50,4 --warmup 1 --repeat 3 --out "$dir"
             ;;
         http)
-            "$PYTHON" -m pidserve.cli bench http --preset 2k_flux --size 2048x2048 --device cuda \
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench http --preset 2k_flux --size 2048x2048 --device cuda \
                 --precision bf16 --backend torch --max-batch 4 --formats raw,png --concurrency 1,2,4 \
                 --requests 24 --max-seconds 60 --out "$dir"
             ;;

@@ -43,3 +43,24 @@ def test_a_failing_stage_is_logged_packed_and_the_next_stage_still_runs(tmp_path
         assert f"unknown stage '{stage}'" in log and f"=== {stage} FAILED" in log
         with tarfile.open(tmp_path / f"{stage}.tar.gz") as packed:
             assert sorted(packed.getnames()) == [stage, f"{stage}.log"]
+
+
+def test_a_stage_past_its_time_limit_is_interrupted_and_packed(tmp_path: Path) -> None:
+    # A stand-in Python whose benchmark hangs: the suite must stop it at STAGE_TIMEOUT, keep its log,
+    # and go on to the next stage (on the GPU machine a call has 10 minutes, whatever a stage needs).
+    slow_python = tmp_path / "python"
+    slow_python.write_text(
+        f'#!/usr/bin/env bash\nif [ "$1 $2" = "-m pidserve.cli" ]; then echo measuring; exec sleep 120; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    slow_python.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(slow_python), "STAGE_TIMEOUT": "2"}
+    env["WHEELS"] = str(tmp_path / "no-wheels")
+    done = subprocess.run(
+        ["bash", str(SUITE), "kernels", "eager"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 1
+    for stage in ("kernels", "eager"):
+        log = (tmp_path / "out" / f"{stage}.log").read_text()
+        assert "measuring" in log and f"=== {stage} FAILED" in log
+        assert (tmp_path / "out" / f"{stage}.tar.gz").is_file()
