@@ -57,7 +57,12 @@ def test_a_stage_past_its_time_limit_is_interrupted_and_packed(tmp_path: Path) -
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(slow_python), "STAGE_TIMEOUT": "2"}
     env["WHEELS"] = str(tmp_path / "no-wheels")
     done = subprocess.run(
-        ["bash", str(SUITE), "kernels", "eager"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
+        ["bash", str(SUITE), "kernels", "eager"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
     )
     assert done.returncode == 1
     for stage in ("kernels", "eager"):
