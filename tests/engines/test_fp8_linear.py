@@ -155,7 +155,9 @@ def test_fp8_on_the_gpu_decodes_close_to_bf16_eager_and_under_cuda_graphs() -> N
     batch = _photo_latents()
     bf16 = open_engine("torch", net=load_default_decoder(), precision="bf16", device="cuda").decode(batch)
     eager = open_engine("torch", net=load_default_decoder(), precision="fp8", device="cuda").decode(batch)
-    compiled = open_engine("torch-compile", net=load_default_decoder(), precision="fp8", device="cuda")
+    compiled = open_engine(
+        "torch-compile", net=load_default_decoder(), precision="fp8", device="cuda", compile_mode="default"
+    )
     first, replayed = compiled.decode(batch).images, compiled.decode(batch).images  # capture, then replay
     assert torch.equal(first, replayed)
     assert _psnr(eager.images, bf16.images) > 40.0 and _psnr(first, eager.images) > 40.0
