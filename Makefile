@@ -51,7 +51,7 @@ default-model: $(STAMP)
 # Wheels for an offline GPU machine whose image has torch, triton, numpy, safetensors, pillow, tqdm,
 # httpx, prometheus-client and nvidia-ml-py but not the rest of pidserve's dependencies (the lent
 # H100/H200 machines: Python 3.12, x86-64). Same versions as this venv; bench/gpu_suite.sh installs them.
-GPU_WHEEL_PACKAGES := pydantic pydantic-core pydantic-settings python-dotenv annotated-types \
+GPU_WHEEL_PACKAGES := opentelemetry-api pydantic pydantic-core pydantic-settings python-dotenv annotated-types \
 	typing-inspection annotated-doc fastapi starlette uvicorn typer fpng simplejpeg
 GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64

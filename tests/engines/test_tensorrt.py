@@ -441,11 +441,17 @@ def _batch(cfg: PiDConfig, size: int, text_tokens: int, steps: int = 4) -> Decod
     return DecodeBatch(latents, torch.linspace(0, 0.5, size), torch.arange(size) + 11, text, steps)
 
 
-def _reference(net: PiDNet, batch: DecodeBatch) -> torch.Tensor:
-    noises = seeded_noises(batch.seeds, (batch.size, 3, 64, 64), batch.steps, CPU)
+def _reference(net: PiDNet, batch: DecodeBatch, device: torch.device = CPU) -> torch.Tensor:
+    # The noise comes from per-sample generators on the decoding device: a CUDA generator draws other
+    # numbers than a CPU one for the same seed, so a GPU decode is checked against a GPU reference.
+    net = net.to(device)
+    noises = seeded_noises(batch.seeds, (batch.size, 3, 64, 64), batch.steps, device)
+    text = None if batch.text is None else batch.text.to(device)
     with torch.no_grad():
-        x = sample(net, batch.latents, batch.sigmas, batch.text, steps=batch.steps, noises=noises)
-    return to_uint8_hwc(x)
+        x = sample(
+            net, batch.latents.to(device), batch.sigmas.to(device), text, steps=batch.steps, noises=noises
+        )
+    return to_uint8_hwc(x).cpu()
 
 
 def _agree(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -532,7 +538,7 @@ def test_cuda_graph_replay_equals_eager_decode() -> None:
     assert len(condition.runs) == runs  # the second decode replayed the graph: no Python-side run
     other = _batch(net.cfg, 2, text_tokens=3)
     _agree(graphed.decode(other).images, eager.decode(other).images)
-    _agree(first, _reference(_net("tiny_v1.5"), batch))
+    _agree(first, _reference(_net("tiny_v1.5"), batch, torch.device("cuda")))
 
 
 @pytest.mark.gpu
