@@ -1,6 +1,6 @@
 """`pidserve bench engine`: ms per image of engines, side by side in one run.
 
-Each configuration (backend x batch size) is opened, warmed up (compilation, graph capture,
+Each configuration (backend x attention kernel x batch size) is opened, warmed up (compilation, graph capture,
 allocator), then timed over `repeat` decodes:
 - wall time per image around the whole decode (median, p90): `decode` returns host pixels, so the
   device work is complete when the clock stops;
@@ -48,10 +48,17 @@ class EngineTiming:
     flops_per_image: float = 0.0
     tflops_achieved: float = 0.0
     peak_memory_bytes: int | None = None
+    attention: str = "auto"  # the engine's attention kernel (engines/attention.py)
+
+    @property
+    def config(self) -> str:
+        """What the row measures besides the batch size: backend, precision, a pinned attention kernel."""
+        attention = "" if self.attention == "auto" else f" attn={self.attention}"
+        return f"{self.backend} {self.precision}{attention}"
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision} b{self.batch}"
+        return f"{self.config} b{self.batch}"
 
 
 def random_batch(
@@ -72,6 +79,7 @@ def time_engine(
     warmup: int = 2,
     repeat: int = 10,
     progress: tqdm | None = None,
+    attention: str = "auto",
 ) -> EngineTiming:
     """Warm up, then time `repeat` decodes of `batch` (wall clock around the whole decode)."""
     caps = engine.capabilities
@@ -114,6 +122,7 @@ def time_engine(
         flops_per_image=flops,
         tflops_achieved=flops / (per_image.median / 1e3) / 1e12,
         peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        attention=attention,
     )
 
 
@@ -129,18 +138,27 @@ def bench_engines(
     warmup: int = 2,
     repeat: int = 10,
     compile_mode: str | None = None,
+    attention_backends: list[str] | None = None,
 ) -> list[EngineTiming]:
-    """Every backend at every batch size, one after another in this process; a progress bar per decode.
+    """Every backend x attention kernel at every batch size, one after another in this process; a
+    progress bar per decode.
 
     onnxruntime always runs on the CPU in fp32 (its export is the fp32 graph). compile_mode goes to
-    torch-compile (None: the engine's default).
+    torch-compile (None: the engine's default). attention_backends (default ["auto"]) apply to the torch
+    backends; the other backends run once, with their own kernels.
     """
+    attention_backends = attention_backends or ["auto"]
+    configs = [
+        (backend, attention)
+        for backend in backends
+        for attention in (attention_backends if backend in ("torch", "torch-compile") else ["auto"])
+    ]
     rows = []
-    with tqdm(total=len(backends) * len(batches) * (warmup + repeat), desc="decodes", unit="decode") as bar:
+    with tqdm(total=len(configs) * len(batches) * (warmup + repeat), desc="decodes", unit="decode") as bar:
         for batch_size in batches:
             batch = random_batch(net.cfg, batch_size, image_size, steps)
-            for backend in backends:
-                bar.set_postfix_str(f"{backend} batch {batch_size}")
+            for backend, attention in configs:
+                bar.set_postfix_str(f"{backend} attention {attention} batch {batch_size}")
                 ort = backend == "onnxruntime"
                 engine = open_engine(
                     backend,
@@ -150,9 +168,18 @@ def bench_engines(
                     max_batch=batch_size,
                     profile=ShapeProfile(image_size, (batch_size,)),
                     compile_mode=compile_mode if backend == "torch-compile" else None,
+                    attention_backend=attention,
                 )
                 try:
-                    row = time_engine(engine, net.cfg, batch, warmup=warmup, repeat=repeat, progress=bar)
+                    row = time_engine(
+                        engine,
+                        net.cfg,
+                        batch,
+                        warmup=warmup,
+                        repeat=repeat,
+                        progress=bar,
+                        attention=attention,
+                    )
                     rows.append(row)
                     # Each row reaches the log as it is measured: a run stopped at a time limit (the GPU
                     # suite's stages) still leaves the rows it finished.
@@ -180,6 +207,7 @@ def row_summary(r: EngineTiming) -> str:
 def markdown_table(rows: list[EngineTiming]) -> str:
     columns = [
         "backend",
+        "attention",
         "device",
         "precision",
         "batch",
@@ -198,6 +226,7 @@ def markdown_table(rows: list[EngineTiming]) -> str:
         cells.append(
             [
                 r.backend,
+                r.attention,
                 r.device,
                 r.precision,
                 r.batch,
@@ -226,7 +255,7 @@ def write_engine_report(
     if with_plots:
         series: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
-            name = f"{r.backend} {r.device} {r.precision} {r.image_size[0]}x{r.image_size[1]}"
+            name = f"{r.config} {r.device} {r.image_size[0]}x{r.image_size[1]}"
             series.setdefault(name, []).append((r.batch, r.images_per_s))
         written.append(
             plots.throughput_vs_batch(series, out_dir / "throughput_vs_batch.png", title="engine throughput")

@@ -9,8 +9,10 @@
 #             modulation (torch / torch-compile), and the device's copy bandwidth as the ceiling
 #   eager     bench engine, 2k_flux random weights at 2048², bf16, torch backend, batch 1/2/4
 #   compile   the same on torch and torch-compile side by side (torch.compile mode: $COMPILE_MODE,
-#             default "default"; the serving default max-autotune-no-cudagraphs autotunes for minutes)
+#             default "default"; max-autotune-no-cudagraphs autotunes for minutes)
 #   fp8       the same in fp8 (FP8 matmuls through torch._scaled_mm), torch and torch-compile
+#   attention the attention kernels (PyTorch's choice, flash, cudnn, efficient) at 2k_flux's attention
+#             shapes in TFLOP/s, then torch-compile at batch 1 with auto vs cudnn attention, side by side
 #   cascade   bench cascade, 2k_flux at 2048², bf16: PiD vs FLUX.1 VAE decode + bicubic and + a PiD-sized
 #             SR diffusion model at 50 and 4 steps (random weights everywhere: timing only)
 #   http      bench http on a started server, 2k_flux random weights at 2048², bf16, eager torch, max
@@ -43,7 +45,7 @@ fi
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
-    sed -n '2,28p' "$0"
+    sed -n '2,30p' "$0"
     exit 2
 fi
 
@@ -79,6 +81,14 @@ run_stage() {
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision bf16 --backends torch,torch-compile \
                 --compile-mode "$COMPILE_MODE" --out "$dir"
             ;;
+        attention)
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench kernels --preset 2k_flux --size 2048x2048 --batch 1 \
+                --device cuda --precision bf16 --operations patch-attention,pixel-attention --repeat 20 \
+                --out "$dir/kernels"
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine --preset 2k_flux --size 2048x2048 --device cuda \
+                --batches 1 --repeat "$REPEAT" --warmup 2 --precision bf16 --backends torch-compile \
+                --attention-backends auto,cudnn --compile-mode "$COMPILE_MODE" --out "$dir/engine"
+            ;;
         fp8)
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision fp8 --backends torch,torch-compile \
                 --compile-mode "$COMPILE_MODE" --out "$dir"
@@ -93,7 +103,7 @@ run_stage() {
                 --requests 24 --max-seconds 60 --out "$dir"
             ;;
         *)
-            echo "unknown stage '$stage'; stages: tests kernels eager compile fp8 cascade http" >&2
+            echo "unknown stage '$stage'; stages: tests kernels eager compile attention fp8 cascade http" >&2
             return 2
             ;;
     esac

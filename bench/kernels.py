@@ -1,4 +1,5 @@
-"""`pidserve bench kernels`: the memory-bound hot spots, each implementation against the bytes it must move.
+"""`pidserve bench kernels`: the hot spots, each implementation against the bytes it must move or the FLOPs
+it must do.
 
 kernels/README.md's rule is that a hand-written kernel stays only when a GPU benchmark shows it pays.
 This is that benchmark. For each operation it times every implementation that runs on the device, checks
@@ -15,6 +16,13 @@ Operations, at the shapes of a model and output size:
                       (model/network.py PixelBlock); impls: torch (eager), torch-compile. No kernel exists:
                       this decides whether one is worth writing (the team's second candidate)
     copy              a device-to-device copy of the pixel-modulation input: the bandwidth ceiling
+    patch-attention   the patch blocks' attention, q, k, v [B, heads, L, head_dim] over the L patch tokens
+                      (no text): most of a decode's FLOPs. Compute-bound, so reported in TFLOP/s.
+    pixel-attention   the pixel blocks' patch-level attention (head dim 72 on the released models)
+                      impls of both: torch (PyTorch's own kernel choice, the reference), and each kernel
+                      pinned with engines/attention.py: flash, cudnn, efficient (CUDA), math (CPU; on CUDA
+                      only when asked for by --impls: it materialises [B, heads, L, L] scores). A kernel
+                      that cannot run the shape is reported in the log and skipped
 
 Timing: CUDA events around each call on a GPU (after warm-up), wall clock on the CPU; median and p90
 over `repeat` calls.
@@ -29,7 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from pidserve.engines.attention import attention_context
 from pidserve.kernels import postprocess, postprocess_reference, triton_available
 from pidserve.model import PiDConfig
 from pidserve.model.layers import RMSNorm, modulate
@@ -39,8 +49,10 @@ from .stats import Summary
 
 log = logging.getLogger(__name__)
 
-OPERATIONS = ("postprocess", "pixel-modulation", "copy")
-IMPLS = ("torch", "torch-compile", "triton")
+OPERATIONS = ("postprocess", "pixel-modulation", "copy", "patch-attention", "pixel-attention")
+DEFAULT_OPERATIONS = ("postprocess", "pixel-modulation", "copy")
+ATTENTION_KERNELS = ("flash", "cudnn", "efficient", "math")
+IMPLS = ("torch", "torch-compile", "triton", *ATTENTION_KERNELS)
 
 
 @dataclass
@@ -55,6 +67,8 @@ class KernelTiming:
     bytes_moved: int  # the least the operation must read and write
     gbytes_per_s: float  # bytes_moved / median time
     max_abs_diff: float  # against the torch reference (0 for the reference itself)
+    flops: int = 0  # compute-bound operations: the multiply-adds x 2 they must do (0: memory-bound)
+    tflops_per_s: float = 0.0  # flops / median time
 
 
 @dataclass
@@ -75,7 +89,17 @@ def available_impls(operation: str, device: torch.device) -> tuple[str, ...]:
         return ("torch", "torch-compile", "triton") if gpu_kernel else ("torch", "torch-compile")
     if operation == "pixel-modulation":
         return ("torch", "torch-compile")
+    if operation.endswith("-attention"):
+        return (
+            ("torch", "flash", "cudnn", "efficient") if device.type == "cuda" else ("torch", "flash", "math")
+        )
     return ("torch",)
+
+
+def runnable_impls(operation: str, device: torch.device) -> tuple[str, ...]:
+    """What --impls may ask for on `device`: the defaults, plus math attention on CUDA."""
+    extra = ("math",) if operation.endswith("-attention") and device.type == "cuda" else ()
+    return available_impls(operation, device) + extra
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> Summary:
@@ -146,11 +170,52 @@ def _copy_case(setup: KernelSetup, device: torch.device) -> tuple[list[int], int
     return shape, 2 * source.numel() * source.element_size(), {"torch": lambda: target.copy_(source)}
 
 
-CASES = {"postprocess": _postprocess_case, "pixel-modulation": _pixel_modulation_case, "copy": _copy_case}
+def _attention_shape(setup: KernelSetup, operation: str) -> list[int]:
+    """[B, heads, L, head_dim] of the patch blocks' or the pixel blocks' attention over L patch tokens."""
+    cfg, (height, width) = setup.cfg, setup.image_size
+    tokens = (height // cfg.patch_size) * (width // cfg.patch_size)
+    if operation == "patch-attention":
+        return [setup.batch, cfg.num_heads, tokens, cfg.head_dim]
+    return [setup.batch, cfg.pixel_num_heads, tokens, cfg.pixel_head_dim]
+
+
+def _attention_case(
+    setup: KernelSetup, device: torch.device, operation: str
+) -> tuple[list[int], int, dict[str, Callable]]:
+    shape = _attention_shape(setup, operation)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g, device=device).to(setup.dtype) for _ in range(3))
+
+    def pinned(kernel: str) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with attention_context(kernel):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return call
+
+    calls = {"torch": lambda: F.scaled_dot_product_attention(q, k, v)}
+    calls.update({kernel: pinned(kernel) for kernel in ATTENTION_KERNELS})
+    # read q, k, v, write the output: 4 tensors of q's size
+    return shape, 4 * q.numel() * q.element_size(), calls
+
+
+def attention_flops(shape: list[int]) -> int:
+    """QK^T and AV: 2 x 2 x B x heads x L x L x head_dim (as model/flops.py counts them)."""
+    batch, heads, tokens, head_dim = shape
+    return 4 * batch * heads * tokens * tokens * head_dim
+
+
+CASES: dict[str, Callable[[KernelSetup, torch.device], tuple[list[int], int, dict[str, Callable]]]] = {
+    "postprocess": _postprocess_case,
+    "pixel-modulation": _pixel_modulation_case,
+    "copy": _copy_case,
+    "patch-attention": lambda setup, device: _attention_case(setup, device, "patch-attention"),
+    "pixel-attention": lambda setup, device: _attention_case(setup, device, "pixel-attention"),
+}
 
 
 def bench_kernels(
-    setup: KernelSetup, operations: tuple[str, ...] = OPERATIONS, impls: tuple[str, ...] | None = None
+    setup: KernelSetup, operations: tuple[str, ...] = DEFAULT_OPERATIONS, impls: tuple[str, ...] | None = None
 ) -> list[KernelTiming]:
     """Every operation x implementation that runs on the device; impls=None: all of them."""
     device = torch.device(setup.device)
@@ -159,10 +224,15 @@ def bench_kernels(
     unknown = [op for op in operations if op not in CASES]
     if unknown:
         raise ValueError(f"unknown operation(s) {unknown}; choose from {', '.join(OPERATIONS)}")
+    unknown_impls = [i for i in impls or () if i not in IMPLS]
+    if unknown_impls:
+        raise ValueError(f"unknown implementation(s) {unknown_impls}; choose from {', '.join(IMPLS)}")
     rows: list[KernelTiming] = []
     for operation in operations:
-        runnable = available_impls(operation, device)
-        chosen = runnable if impls is None else tuple(i for i in impls if i in runnable)
+        runnable = runnable_impls(operation, device)
+        chosen = (
+            available_impls(operation, device) if impls is None else tuple(i for i in impls if i in runnable)
+        )
         if (
             impls is not None
             and "triton" in impls
@@ -174,10 +244,19 @@ def bench_kernels(
         with torch.inference_mode():
             reference = calls["torch"]()
             for impl in chosen:
-                diff = _max_abs_diff(calls[impl](), reference)
+                try:
+                    result = calls[impl]()
+                except RuntimeError as exc:
+                    if not operation.endswith("-attention"):
+                        raise
+                    # A pinned attention kernel that cannot run this shape, dtype or GPU: say so, go on.
+                    log.warning("%s %s skipped: %s", operation, impl, str(exc).splitlines()[0])
+                    continue
+                diff = _max_abs_diff(result, reference)
                 if operation == "postprocess" and diff != 0:
                     raise AssertionError(f"{impl} postprocess differs from the reference by {diff} levels")
                 summary = time_call(calls[impl], device, setup.warmup, setup.repeat)
+                flops = attention_flops(shape) if operation.endswith("-attention") else 0
                 rows.append(
                     KernelTiming(
                         operation=operation,
@@ -190,6 +269,8 @@ def bench_kernels(
                         bytes_moved=bytes_moved,
                         gbytes_per_s=bytes_moved / summary.median / 1e9,
                         max_abs_diff=diff,
+                        flops=flops,
+                        tflops_per_s=flops / summary.median / 1e12,
                     )
                 )
                 log.info("%s %s: %.3f ms", operation, impl, summary.median * 1e3)
@@ -203,7 +284,18 @@ def _max_abs_diff(a: object, b: object) -> float:
 
 
 def markdown_table(rows: list[KernelTiming]) -> str:
-    columns = ["operation", "impl", "device", "dtype", "shape", "ms (median)", "p90", "GB/s", "max |diff|"]
+    columns = [
+        "operation",
+        "impl",
+        "device",
+        "dtype",
+        "shape",
+        "ms (median)",
+        "p90",
+        "GB/s",
+        "TFLOP/s",
+        "max |diff|",
+    ]
     cells = [
         [
             r.operation,
@@ -214,6 +306,7 @@ def markdown_table(rows: list[KernelTiming]) -> str:
             f"{r.ms_median:.3f}",
             f"{r.ms_p90:.3f}",
             f"{r.gbytes_per_s:.1f}",
+            f"{r.tflops_per_s:.1f}" if r.flops else "-",
             f"{r.max_abs_diff:.3g}",
         ]
         for r in rows

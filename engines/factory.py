@@ -33,19 +33,24 @@ def open_engine(
     profile: ShapeProfile | None = None,
     cache_dir: str | Path | None = None,
     compile_mode: str | None = None,
+    attention_backend: str = "auto",
 ) -> Engine:
     """Open `backend`.
 
     torch, torch-compile: run `net` on `device` in `precision`; optionally only the served
         `batch_sizes` (partial batches padded) and `image_sizes` (needed by torch-compile's warmup).
-        torch-compile takes torch.compile's `compile_mode` (default: max-autotune-no-cudagraphs on
-        CUDA, default on the CPU).
+        torch-compile takes torch.compile's `compile_mode` (default: "default"). Both take the
+        `attention_backend` (attention.py; default auto: PyTorch's choice).
     onnxruntime: run `engine_dir` (an ONNX export); or export `net` for `profile` into a cache
         directory keyed by the weights and the profile, then run it.
     tensorrt: run the built engine directory `engine_dir` (`pidserve build`).
     """
     if backend not in BACKENDS:
         raise EngineConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in ("torch", "torch-compile") and attention_backend != "auto":
+        raise EngineConfigError(
+            f"the attention backend is chosen by the torch backends only; the {backend} backend uses auto"
+        )
     if backend in ("torch", "torch-compile"):
         if net is None:
             raise EngineConfigError(f"the {backend} backend needs a model (a checkpoint)")
@@ -54,7 +59,7 @@ def open_engine(
         if backend == "torch":
             if compile_mode is not None:
                 raise EngineConfigError("compile_mode is for the torch-compile backend only")
-            return TorchEngine(net, device, precision, max_batch, batch_sizes, image_sizes)
+            return TorchEngine(net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend)
         return TorchCompileEngine(
             net,
             device=device,
@@ -63,6 +68,7 @@ def open_engine(
             compile_mode=compile_mode,
             batch_sizes=batch_sizes,
             image_sizes=image_sizes,
+            attention_backend=attention_backend,
         )
     if backend == "onnxruntime":
         if device != "cpu" or precision != "fp32":

@@ -44,6 +44,7 @@ from .base import (
     EngineCapabilities,
     EngineConfigError,
     StageTimer,
+    copy_to_host,
     on_device,
     padded_batch_size,
     seeded_noises,
@@ -359,13 +360,7 @@ class StaticDecoder:
             with timer.stage("decode"):
                 self._run(size, batch.steps)
             with timer.stage("d2h"):
-                pinned = self.device.type == "cuda"
-                images = torch.empty(
-                    (n, height, width, self.cfg.in_channels), dtype=torch.uint8, pin_memory=pinned
-                )
-                images.copy_(views["images"][:n], non_blocking=pinned)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the pinned copy must land before returning
+                images = copy_to_host(views["images"][:n])
         return DecodeResult(images=images, timings=timer.result())
 
     def warmup(self, steps: int = MAX_STUDENT_STEPS) -> None:

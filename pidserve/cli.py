@@ -251,6 +251,9 @@ def decode(
         str, typer.Option(help="fp32 | bf16 | fp8 (FP8 matmuls, GPUs of cc >= 8.9).")
     ] = "fp32",
     engine_dir: Annotated[Path | None, typer.Option(help="ONNX export or TensorRT engine directory.")] = None,
+    attention_backend: Annotated[
+        str, typer.Option(help="auto | flash | cudnn | efficient | math (torch backends).")
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Noise seed; sample i of a batch uses seed + i.")] = 0,
     sigma: Annotated[
         float | None, typer.Option(help="The latent's noise level in [0, 1] (default: file or 0).")
@@ -299,6 +302,7 @@ def decode(
             max_batch=batch_size,
             engine_dir=engine_dir,
             profile=ShapeProfile(size, (batch_size,)),
+            attention_backend=attention_backend,
         )
         seeds = torch.arange(batch_size, dtype=torch.int64) + seed
         result = engine.decode(DecodeBatch(latent, sigmas, seeds, None, steps))
@@ -367,6 +371,9 @@ def serve(
         str | None, typer.Option(help="fp32 | bf16 | fp8 (FP8 matmuls, GPUs of cc >= 8.9).")
     ] = None,
     engine_dir: Annotated[Path | None, typer.Option(help="ONNX export or TensorRT engine directory.")] = None,
+    attention_backend: Annotated[
+        str | None, typer.Option(help="auto | flash | cudnn | efficient | math (torch backends).")
+    ] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch the worker runs.")] = None,
     batch_size: Annotated[
         list[int] | None, typer.Option("--batch-size", help="A served batch size (repeat); default 1..max.")
@@ -392,7 +399,8 @@ def serve(
 
     flags = {
         "checkpoint": checkpoint, "variant": variant, "model_name": model_name, "backend": backend,
-        "device": device, "precision": precision, "engine_dir": engine_dir, "max_batch": max_batch,
+        "device": device, "precision": precision, "engine_dir": engine_dir,
+        "attention_backend": attention_backend, "max_batch": max_batch,
         "batch_sizes": batch_size or None, "image_sizes": image_size or None, "text_encoder": text_encoder,
         "max_queue_delay_ms": max_queue_delay_ms, "max_queue_size": max_queue_size,
         "request_timeout_s": request_timeout_s, "encode_workers": encode_workers, "png_encoder": png_encoder,
@@ -591,10 +599,14 @@ def bench_engine(
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp8 (torch backends).")] = "fp32",
     compile_mode: Annotated[
         str | None,
-        typer.Option(
-            help="torch-compile's torch.compile mode (default: max-autotune-no-cudagraphs on CUDA)."
-        ),
+        typer.Option(help="torch-compile's torch.compile mode: default or max-autotune-no-cudagraphs."),
     ] = None,
+    attention_backends: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated attention kernels to compare: auto, flash, cudnn, efficient, math."
+        ),
+    ] = "auto",
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 4,
     warmup: Annotated[int, typer.Option(help="Untimed decodes first.")] = 2,
     repeat: Annotated[int, typer.Option(help="Timed decodes.")] = 10,
@@ -619,6 +631,7 @@ def bench_engine(
             warmup=warmup,
             repeat=repeat,
             compile_mode=compile_mode,
+            attention_backends=attention_backends.split(","),
         )
     except (EngineConfigError, EngineInputError) as exc:
         raise _fail(str(exc)) from None
@@ -863,10 +876,17 @@ def bench_kernels_cmd(
     size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "256x256",
     batch: Annotated[int, typer.Option(help="Images per call.")] = 1,
     operations: Annotated[
-        str, typer.Option(help="Comma-separated: postprocess, pixel-modulation, copy.")
+        str,
+        typer.Option(
+            help="Comma-separated: postprocess, pixel-modulation, copy, patch-attention, pixel-attention."
+        ),
     ] = "postprocess,pixel-modulation,copy",
     impls: Annotated[
-        str | None, typer.Option(help="Comma-separated torch, torch-compile, triton (default: all that run).")
+        str | None,
+        typer.Option(
+            help="Comma-separated torch, torch-compile, triton, flash, cudnn, efficient, math "
+            "(default: all that run)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "bf16",
@@ -874,7 +894,7 @@ def bench_kernels_cmd(
     repeat: Annotated[int, typer.Option(help="Timed calls.")] = 20,
     out: _OutOpt = None,
 ) -> None:
-    """Memory-bound hot spots: each implementation's time and GB/s against the bytes it must move."""
+    """Hot spots: each implementation's time, GB/s against the bytes it must move, TFLOP/s for attention."""
     import torch
 
     from pidserve.bench import report

@@ -122,6 +122,7 @@ def open_configured_engine(settings: ServerSettings, net: PiDNet | None) -> Engi
         image_sizes=image_sizes,
         engine_dir=settings.engine_dir,
         profile=profile,
+        attention_backend=settings.attention_backend,
     )
 
 

@@ -29,6 +29,10 @@ class ServerSettings(BaseSettings):
     device: str = "cpu"
     precision: str = "fp32"
     engine_dir: Path | None = Field(None, description="ONNX export or TensorRT engine directory.")
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto",
+        description="Attention kernel of the torch backends (docs/engines.md); auto: PyTorch's choice.",
+    )
     max_batch: int = Field(4, ge=1, le=64, description="Largest batch the worker runs.")
     batch_sizes: list[int] | None = Field(
         None, description="Served batch sizes (partial batches padded); default: every size up to max_batch."

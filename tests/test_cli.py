@@ -126,6 +126,14 @@ def test_decode_writes_a_png_of_the_output_size(tmp_path: Path) -> None:
     again = tmp_path / "again.png"
     assert runner.invoke(app, [*args, "-o", str(again), "--seed", "3"]).exit_code == 0
     assert torch.equal(pixels, torch.from_numpy(__import__("numpy").asarray(Image.open(again))))
+    # the attention kernel can be pinned; same seed, same image to within float rounding
+    math = tmp_path / "math.png"
+    assert (
+        runner.invoke(app, [*args, "-o", str(math), "--seed", "3", "--attention-backend", "math"]).exit_code
+        == 0
+    )
+    diff = pixels.int() - torch.from_numpy(__import__("numpy").asarray(Image.open(math))).int()
+    assert diff.abs().max() <= 2
 
 
 def test_decode_reports_bad_inputs(tmp_path: Path) -> None:
@@ -138,6 +146,11 @@ def test_decode_reports_bad_inputs(tmp_path: Path) -> None:
         app, ["decode", str(_latent_file(tmp_path)), "--checkpoint", checkpoint, "--sigma", "1.5"]
     )
     assert bad_sigma.exit_code == 2 and "sigma" in bad_sigma.output
+    kernel = runner.invoke(
+        app,
+        ["decode", str(_latent_file(tmp_path)), "--checkpoint", checkpoint, "--attention-backend", "cudnn"],
+    )
+    assert kernel.exit_code == 2 and "cudnn attention does not run on cpu" in kernel.output
     pickled = tmp_path / "latent.npy"
     import numpy as np
 

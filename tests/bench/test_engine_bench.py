@@ -26,7 +26,7 @@ def test_time_engine_reports_per_image_figures() -> None:
     assert timing.tflops_achieved > 0
     assert {"condition", "steps", "postprocess"} <= set(timing.stages_ms)
     table = markdown_table([timing])
-    assert table.count("\n") == 2 and "| torch | cpu | fp32 | 2 | 64x64 |" in table
+    assert table.count("\n") == 2 and "| torch | auto | cpu | fp32 | 2 | 64x64 |" in table
 
 
 def test_bench_engine_command_writes_report_and_plots(tmp_path: Path) -> None:
@@ -42,6 +42,8 @@ def test_bench_engine_command_writes_report_and_plots(tmp_path: Path) -> None:
         "torch",
         "--batches",
         "1,2",
+        "--attention-backends",
+        "auto,math",
     ]
     result = CliRunner().invoke(app, [*args, "--repeat", "2", "--warmup", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -52,11 +54,17 @@ def test_bench_engine_command_writes_report_and_plots(tmp_path: Path) -> None:
     assert report["versions"]["torch"] == torch.__version__ and report["git"]
     assert report["machine"]["logical_cores"] >= 1 and "date" in report
     rows = report["results"]
-    assert [r["batch"] for r in rows] == [1, 2]
+    # backend x attention kernel at each batch size, side by side
+    assert [(r["batch"], r["attention"]) for r in rows] == [
+        (1, "auto"),
+        (1, "math"),
+        (2, "auto"),
+        (2, "math"),
+    ]
     for row in rows:
         assert row["images_per_s"] == pytest.approx(1e3 / row["ms_per_image_median"])
         assert row["flops_per_image"] > 0 and row["device_ms_per_image"] > 0
-    assert "| torch | cpu | fp32 | 2 | 64x64 |" in (out / "engine.md").read_text()
+    assert "| torch | math | cpu | fp32 | 2 | 64x64 |" in (out / "engine.md").read_text()
     for plot in ("throughput_vs_batch.png", "stages.png"):
         assert_is_plot(out / plot)
 
@@ -69,6 +77,8 @@ def test_bench_engine_refuses_bad_options(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--batches must be comma-separated integers" in bad.output
     backend = runner.invoke(app, ["bench", "engine", "--preset", "tiny_v1", "--backends", "nope"])
     assert backend.exit_code == 2 and "unknown backend" in backend.output
+    kernel = runner.invoke(app, ["bench", "engine", "--preset", "tiny_v1", "--attention-backends", "cudnn"])
+    assert kernel.exit_code == 2 and "cudnn attention does not run on cpu" in kernel.output
 
 
 def test_plots_without_matplotlib_fail_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,3 +64,48 @@ def test_bench_kernels_command_writes_its_report(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "needs a CUDA device with Triton" in refused.output
     refused = runner.invoke(app, [*args, "--precision", "fp8"])
     assert refused.exit_code == 2 and "--precision must be fp32 or bf16" in refused.output
+
+
+def test_attention_kernels_are_timed_in_tflops_at_the_models_shapes() -> None:
+    # On the CPU: PyTorch's own choice (the reference), flash and math, at pid-tiny's attention shapes.
+    cfg = PiDConfig.preset("pid-tiny")
+    rows = bench_kernels(_setup(), ("patch-attention", "pixel-attention"))
+    assert [(r.operation, r.impl) for r in rows] == [
+        ("patch-attention", "torch"),
+        ("patch-attention", "flash"),
+        ("patch-attention", "math"),
+        ("pixel-attention", "torch"),
+        ("pixel-attention", "flash"),
+        ("pixel-attention", "math"),
+    ]
+    tokens = (64 // 16) * (96 // 16)
+    patch, pixel = rows[0], rows[3]
+    assert patch.shape == [2, cfg.num_heads, tokens, cfg.head_dim]
+    assert pixel.shape == [2, cfg.pixel_num_heads, tokens, cfg.pixel_head_dim]
+    # as model/flops.py counts them: 2 x 2 x L x L x (heads x head_dim) per image
+    assert patch.flops == 2 * 2 * 2 * tokens * tokens * cfg.hidden_size
+    for row in rows:
+        assert row.tflops_per_s == pytest.approx(row.flops / (row.ms_median / 1e3) / 1e12)
+        assert row.max_abs_diff < 0.05  # bf16 rounding of another kernel's summation order
+
+
+def test_attention_kernels_that_cannot_run_are_skipped_with_a_reason(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cudnn and efficient exist only on CUDA: asked for on the CPU, they are not offered at all ...
+    rows = bench_kernels(_setup(), ("patch-attention",), ("torch", "cudnn"))
+    assert [r.impl for r in rows] == ["torch"]
+    with pytest.raises(ValueError, match=r"unknown implementation\(s\) \['fa3'\]"):
+        bench_kernels(_setup(), ("patch-attention",), ("fa3",))
+    # ... and a kernel that refuses the shape (as cuDNN does some head dims on some GPUs) is logged and
+    # skipped. Simulated on the CPU by pinning "flash" to a kernel the CPU does not have.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pidserve.bench import kernels
+
+    monkeypatch.setattr(
+        kernels, "attention_context", lambda kernel: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)
+    )
+    rows = bench_kernels(_setup(), ("patch-attention",), ("torch", "flash"))
+    assert [r.impl for r in rows] == ["torch"]
+    assert "patch-attention flash skipped: No viable backend" in caplog.text

@@ -171,8 +171,8 @@ def test_torch_compile_cuda_graph_replays_match_eager_on_gpu() -> None:
     net = _net("tiny_v1")
     batch = _batch(net.cfg)
     eager = open_engine("torch", net=net, device="cuda").decode(batch).images
-    # mode "default": the serving default (max-autotune-no-cudagraphs) autotunes every matmul shape,
-    # 139 s for this tiny network on an H100; this test is about graph capture and replay.
+    # mode "default", explicitly: max-autotune-no-cudagraphs autotunes every matmul shape, 139 s for
+    # this tiny network on an H100; this test is about graph capture and replay.
     engine = open_engine("torch-compile", net=_net("tiny_v1"), device="cuda", compile_mode="default")
     first = engine.decode(batch).images  # captures
     again = engine.decode(batch).images  # replays
@@ -234,3 +234,66 @@ def test_warmup_covers_every_batch_size_up_to_max_when_none_are_listed(tiny_v15:
     monkeypatch.setattr(eager, "decode", lambda b: sizes.append(b.size))
     eager.warmup()
     assert sizes == [1, 2]
+
+
+def test_attention_backend_choices_are_checked_up_front(tiny_v15: PiDNet, tmp_path: Path) -> None:
+    with pytest.raises(EngineConfigError, match="unknown attention backend 'fa3'; choose one of auto, flash"):
+        open_engine("torch", net=tiny_v15, attention_backend="fa3")
+    with pytest.raises(
+        EngineConfigError, match="cudnn attention does not run on cpu; there: auto, flash, math"
+    ):
+        open_engine("torch-compile", net=tiny_v15, attention_backend="cudnn")
+    with pytest.raises(EngineConfigError, match="chosen by the torch backends only; the onnxruntime backend"):
+        open_engine("onnxruntime", net=tiny_v15, attention_backend="flash", cache_dir=tmp_path)
+    with pytest.raises(EngineConfigError, match="captures its own CUDA graphs"):
+        open_engine("torch-compile", net=tiny_v15, compile_mode="reduce-overhead")
+
+
+def test_the_chosen_attention_backend_is_in_force_while_the_network_runs(tiny_v15: PiDNet) -> None:
+    # sdpa_kernel switches torch's process-wide SDPA flags; read them from inside the network's forward.
+    seen: list[tuple[bool, bool]] = []
+
+    def record(module: torch.nn.Module, args: object) -> None:
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+
+    hook = tiny_v15.patch_blocks[0].register_forward_pre_hook(record)
+    try:
+        batch = _batch(tiny_v15.cfg, text_tokens=3)
+        images = {}
+        for choice in ("auto", "math", "flash"):
+            seen.clear()
+            images[choice] = open_engine("torch", net=tiny_v15, attention_backend=choice).decode(batch).images
+            assert len(seen) == 4  # one velocity evaluation per step
+            flags = set(seen)
+            assert (
+                flags
+                == {
+                    "auto": {(True, True)},
+                    "math": {(False, True)},
+                    "flash": {(True, False)},
+                }[choice]
+            ), choice
+        # the flags are restored after each decode
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    finally:
+        hook.remove()
+    _agree(images["math"], images["auto"])
+    _agree(images["flash"], images["auto"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudnn_attention_decodes_like_flash_attention_on_gpu() -> None:
+    # The decision to prefer cuDNN attention needs it to be right as well as fast: same seed, same
+    # inputs, bf16, eager and under torch-compile's CUDA graph.
+    net = _net("tiny_v1")
+    batch = _batch(net.cfg)
+    flash = open_engine("torch", net=net, device="cuda", precision="bf16", attention_backend="flash")
+    reference = flash.decode(batch).images
+    for backend in ("torch", "torch-compile"):
+        engine = open_engine(
+            backend, net=_net("tiny_v1"), device="cuda", precision="bf16", attention_backend="cudnn"
+        )
+        images = engine.decode(batch).images
+        assert images.is_pinned()  # the device-to-host copy lands in pinned memory
+        assert (images.int() - reference.int()).abs().float().mean() < 1.0, backend

@@ -3,7 +3,6 @@ a fixed latent to fixed pixels with a fixed seed."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +46,17 @@ def test_the_tiny_ae_latent_space_uses_the_measured_statistics():
 
 
 def test_a_fixed_latent_decodes_to_fixed_pixels():
-    """Pins the shipped weights and the CPU decode path. The float comparison comes first so that a
-    machine with different float rounding fails with a readable difference, not just a checksum."""
+    """Pins the shipped weights and the CPU decode path. Not bit for bit: CPUs with different vector
+    units take different BLAS/oneDNN kernels and round float sums differently, which moves a handful of
+    pixels by one level (9 of 196608 on an AVX2-only EPYC against the reference made on an earlier
+    machine; a SHA-256 pin failed there). Different weights or a changed decode move far more."""
     reference = load_file(str(FIXTURES / "decode_reference.safetensors"))
     net = load_default_decoder()
     images = sample(net, reference["latent"], 0.0, generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 3, 256, 256)
-    pixels = to_uint8_hwc(images)
-    assert (pixels.int() - reference["pixels"].int()).abs().max() <= 1
-    assert (
-        hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
-        == (FIXTURES / "decode_sha256.txt").read_text().strip()
-    )
+    diff = (to_uint8_hwc(images).int() - reference["pixels"].int()).abs()
+    assert diff.max() <= 1
+    assert (diff > 0).float().mean() < 1e-3
 
 
 def test_decode_default_encodes_an_image_and_writes_4x_pixels(tmp_path):

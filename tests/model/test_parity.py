@@ -1,8 +1,11 @@
 """Our network and sampler against outputs of the official PiD network (tiny random-weight models).
 
 The official forward takes t already multiplied by 1000; so does PiDNet, so no re-rounding of t
-happens here and the float32 tolerance is 1e-5 (we measure up to ~5e-6: our op decomposition —
-fused RMSNorm, image-only queries in the last block — differs from the official at the ulp level).
+happens here and the float32 tolerance is 1e-5 relative to the reference's largest magnitude (at
+least 1e-5 absolute). Our op decomposition — fused RMSNorm, image-only queries in the last block —
+differs from the official at the ulp level, and so does the CPU: we measure up to ~5e-6 absolute on
+the machine that made the fixtures' comparisons first, and up to 1.4e-5 on velocities of magnitude ~3
+(5e-6 relative) on an AVX2-only EPYC, whose BLAS kernels sum in another order.
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ from pidserve.model.sampler import sample, student_timesteps, to_uint8_hwc
 from tests.conftest import OFFICIAL, TINY_MODELS, load_tensors
 
 FORWARD_TOL = 1e-5
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: object = None) -> None:
+    """Within FORWARD_TOL relative to the reference's largest magnitude (and at least FORWARD_TOL)."""
+    tol = FORWARD_TOL * max(1.0, ref.abs().max().item())
+    assert (ours.float() - ref).abs().max().item() <= tol, what
 
 
 @pytest.fixture(scope="module", params=TINY_MODELS)
@@ -41,7 +50,7 @@ def test_forward_matches_official(tiny: tuple[str, PiDNet], case: int) -> None:
     with torch.no_grad():
         out = net(c["x_t"], c["t"], c["lq_latent"], c["degrade_sigma"], c["y"])
     assert out.shape == c["out"].shape
-    assert (out - c["out"]).abs().max().item() <= FORWARD_TOL
+    _assert_close(out, c["out"])
 
 
 def _capture_intermediates(net: PiDNet) -> tuple[dict[str, torch.Tensor], list]:
@@ -109,8 +118,7 @@ def test_intermediates_match_official(tiny: tuple[str, PiDNet], case: int) -> No
             continue
         ours = seen[key].reshape(ref.shape)
         # Intermediates reach |x| ~ 20 inside the pixel block: the tolerance scales with magnitude.
-        tol = FORWARD_TOL * max(1.0, ref.abs().max().item())
-        assert (ours - ref).abs().max().item() <= tol, key
+        _assert_close(ours, ref, key)
         compared += 1
     assert compared >= len(expected) - 1
 
@@ -128,7 +136,10 @@ def test_four_step_sample_matches_official(tiny: tuple[str, PiDNet]) -> None:
         k = rec.index
         assert torch.equal(torch.full_like(s[f"step{k}.t_scaled"], rec.t * 1000), s[f"step{k}.t_scaled"])
         for ours, ref in ((rec.x_t, "x_t"), (rec.velocity, "v_pred"), (rec.x0, "x0_pred")):
-            assert (ours.float() - s[f"step{k}.{ref}"]).abs().max().item() <= FORWARD_TOL, (k, ref)
-    assert (image - s["final_image_f32"]).abs().max().item() <= FORWARD_TOL
-    # The uint8 image is identical: 0 mismatching bytes (truncation, as the official conversion).
-    assert torch.equal(to_uint8_hwc(image), s["final_image_uint8_hwc"])
+            _assert_close(ours, s[f"step{k}.{ref}"], (k, ref))
+    _assert_close(image, s["final_image_f32"])
+    # The uint8 image (truncation, as the official conversion) is identical up to values that sit on a
+    # truncation boundary: a float difference of 1e-6 flips those by one level. 0 such bytes on the
+    # machine that first ran this, 1 of 24576 per model on an AVX2-only EPYC.
+    diff = (to_uint8_hwc(image).int() - s["final_image_uint8_hwc"].int()).abs()
+    assert diff.max() <= 1 and (diff > 0).sum() <= 3

@@ -58,6 +58,8 @@ def test_serve_rejects_bad_settings() -> None:
     assert result.exit_code == 2 and "HEIGHTxWIDTH" in result.output
     result = runner.invoke(app, ["serve", "--png-encoder", "gif"])
     assert result.exit_code == 2 and "png_encoder" in result.output
+    result = runner.invoke(app, ["serve", "--attention-backend", "fa3"])
+    assert result.exit_code == 2 and "attention_backend" in result.output and "'cudnn'" in result.output
 
 
 def _free_port() -> int:

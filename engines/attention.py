@@ -1,0 +1,64 @@
+"""Which scaled-dot-product-attention kernels the torch engines let PyTorch use.
+
+Attention is most of a PiD decode's work (at 2048² on 2k flux, 95.6 of 177.7 TFLOP are the patch
+blocks' joint attention over 16k tokens), so the attention kernel sets how close a decode gets to the
+FLOP floor. PyTorch's `scaled_dot_product_attention` picks a kernel by a fixed priority (FlashAttention-2
+first on CUDA), which is not the fastest on every GPU: on Hopper, cuDNN's attention kernels are reported
+to be substantially faster. `bench kernels --operations attention` measures the kernels at a model's
+shapes; an engine's `attention_backend` then pins the choice:
+
+    auto       PyTorch's own choice (its default priority; on CUDA FlashAttention-2 first)
+    flash      FlashAttention only (CUDA and CPU)
+    cudnn      cuDNN attention only (CUDA)
+    efficient  memory-efficient attention only (CUDA)
+    math       the unfused reference implementation only (CUDA and CPU; slow, memory-hungry)
+
+A pinned backend is a restriction, not a preference: a shape it cannot run fails with PyTorch's
+"No available kernel" error instead of silently running on another kernel. The choice is applied
+around everything the engine runs, so torch.compile traces (and CUDA graphs capture) the chosen kernel.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .base import EngineConfigError
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+# What PyTorch implements per device type (the CPU has its own flash kernel and the math fallback).
+RUNS_ON = {"cuda": ("flash", "cudnn", "efficient", "math"), "cpu": ("flash", "math")}
+
+
+def check_attention_backend(choice: str, device: torch.device) -> None:
+    """Refuse an unknown backend, or one that does not exist on `device`, before any work is done."""
+    if choice not in ATTENTION_BACKENDS:
+        raise EngineConfigError(
+            f"unknown attention backend {choice!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+        )
+    if choice == "auto":
+        return
+    runnable = RUNS_ON.get(device.type, ())
+    if choice not in runnable:
+        raise EngineConfigError(
+            f"{choice} attention does not run on {device.type}; there: auto, {', '.join(runnable)}"
+            if runnable
+            else f"attention backends cannot be pinned on {device.type}; use auto"
+        )
+
+
+def attention_context(choice: str) -> AbstractContextManager[object]:
+    """A context in which scaled_dot_product_attention may use only `choice` (auto: PyTorch decides)."""
+    if choice == "auto":
+        return nullcontext()
+    return sdpa_kernel(SDPA_BACKENDS[choice])
