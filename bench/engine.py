@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pidserve.engines import DecodeBatch, Engine, ShapeProfile, open_engine
+from pidserve.engines.attention import check_attention_backend
 from pidserve.model import PiDConfig, PiDNet
 from pidserve.model.flops import decode_flops
 
@@ -148,6 +149,8 @@ def bench_engines(
     backends; the other backends run once, with their own kernels.
     """
     attention_backends = attention_backends or ["auto"]
+    for attention in attention_backends:  # refuse a bad name before any configuration runs
+        check_attention_backend(attention, torch.device(device))
     configs = [
         (backend, attention)
         for backend in backends
@@ -189,6 +192,10 @@ def bench_engines(
                     # Free this engine's device memory before the next one opens: two 2048² engines with
                     # their graphs need not fit on one GPU together, and peak memory is per engine.
                     del engine
+                    # Every configuration compiles the same net.velocity: without a reset its compiled
+                    # variants pile up towards Dynamo's recompile limit, past which later configurations
+                    # would quietly run eager (and Dynamo does not guard on the attention kernel pin).
+                    torch._dynamo.reset()
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()

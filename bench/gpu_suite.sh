@@ -37,11 +37,16 @@ BATCHES=${BATCHES:-1,2,4}
 REPEAT=${REPEAT:-10}
 COMPILE_MODE=${COMPILE_MODE:-default}
 WHEELS=${WHEELS:-.whl}
-# Interrupt (SIGINT, so Python unwinds and logs) a stage past STAGE_TIMEOUT; kill it 20 s later.
+# Interrupt (SIGINT, so Python unwinds and logs) a stage's command past its time; kill it 20 s later.
+# limit_share PERCENT: the next command may use that share of STAGE_TIMEOUT (a stage of two commands
+# splits it, so the whole stage still ends within STAGE_TIMEOUT plus the kill grace).
 LIMIT=()
-if [ -n "${STAGE_TIMEOUT:-}" ]; then
-    LIMIT=(timeout --signal=INT --kill-after=20 "$STAGE_TIMEOUT")
-fi
+limit_share() {
+    LIMIT=()
+    if [ -n "${STAGE_TIMEOUT:-}" ]; then
+        LIMIT=(timeout --signal=INT --kill-after=20 "$((STAGE_TIMEOUT * $1 / 100))")
+    fi
+}
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
@@ -65,6 +70,7 @@ install() {
 run_stage() {
     local stage=$1 dir=$OUT/$1
     mkdir -p "$dir"
+    limit_share 100
     case $stage in
         tests)
             nvidia-smi | tee "$dir/nvidia-smi.txt"
@@ -82,9 +88,11 @@ run_stage() {
                 --compile-mode "$COMPILE_MODE" --out "$dir"
             ;;
         attention)
+            limit_share 25
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench kernels --preset 2k_flux --size 2048x2048 --batch 1 \
                 --device cuda --precision bf16 --operations patch-attention,pixel-attention --repeat 20 \
                 --out "$dir/kernels"
+            limit_share 70
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine --preset 2k_flux --size 2048x2048 --device cuda \
                 --batches 1 --repeat "$REPEAT" --warmup 2 --precision bf16 --backends torch-compile \
                 --attention-backends auto,cudnn --compile-mode "$COMPILE_MODE" --out "$dir/engine"

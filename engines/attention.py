@@ -1,11 +1,12 @@
 """Which scaled-dot-product-attention kernels the torch engines let PyTorch use.
 
-Attention is most of a PiD decode's work (at 2048² on 2k flux, 95.6 of 177.7 TFLOP are the patch
-blocks' joint attention over 16k tokens), so the attention kernel sets how close a decode gets to the
-FLOP floor. PyTorch's `scaled_dot_product_attention` picks a kernel by a fixed priority (FlashAttention-2
-first on CUDA), which is not the fastest on every GPU: on Hopper, cuDNN's attention kernels are reported
-to be substantially faster. `bench kernels --operations attention` measures the kernels at a model's
-shapes; an engine's `attention_backend` then pins the choice:
+Attention is most of a PiD decode's work (at 2048² on 2k flux without text, 92.4 of 173.5 TFLOP are
+the patch blocks' attention over 16k tokens), so the attention kernel sets how close a decode gets to
+the FLOP floor. PyTorch's `scaled_dot_product_attention` picks a kernel by a fixed priority
+(FlashAttention-2 first on CUDA), which is not the fastest on every GPU: on Hopper, cuDNN's attention
+kernels are reported to be substantially faster. `bench kernels --operations
+patch-attention,pixel-attention` measures the kernels at a model's shapes; an engine's
+`attention_backend` then pins the choice:
 
     auto       PyTorch's own choice (its default priority; on CUDA FlashAttention-2 first)
     flash      FlashAttention only (CUDA and CPU)
@@ -13,14 +14,23 @@ shapes; an engine's `attention_backend` then pins the choice:
     efficient  memory-efficient attention only (CUDA)
     math       the unfused reference implementation only (CUDA and CPU; slow, memory-hungry)
 
-A pinned backend is a restriction, not a preference: a shape it cannot run fails with PyTorch's
-"No available kernel" error instead of silently running on another kernel. The choice is applied
-around everything the engine runs, so torch.compile traces (and CUDA graphs capture) the chosen kernel.
+A pinned backend is a restriction, not a preference: a shape it cannot run fails with PyTorch's error
+("No available kernel" on CUDA, "No viable backend" on the CPU) instead of silently running on another
+kernel. The choice is applied around everything the engine runs, so torch.compile traces (and CUDA
+graphs capture) the chosen kernel.
+
+PyTorch keeps these switches process-wide, not per thread: while a pinned decode runs, any other
+thread's scaled_dot_product_attention sees the pin too. So pinned decodes hold one process-wide lock
+(two never interleave their save and restore of the switches), and the server loads its text encoder
+with eager attention when the engine pins a kernel (server/service.py), so prompt encoding never calls
+scaled_dot_product_attention. One pinned engine per process is the supported set-up.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -57,8 +67,15 @@ def check_attention_backend(choice: str, device: torch.device) -> None:
         )
 
 
-def attention_context(choice: str) -> AbstractContextManager[object]:
+# Held while the process-wide switches are pinned (see the module docstring).
+_PINNED = threading.Lock()
+
+
+@contextmanager
+def attention_context(choice: str) -> Iterator[None]:
     """A context in which scaled_dot_product_attention may use only `choice` (auto: PyTorch decides)."""
     if choice == "auto":
-        return nullcontext()
-    return sdpa_kernel(SDPA_BACKENDS[choice])
+        yield
+        return
+    with _PINNED, sdpa_kernel(SDPA_BACKENDS[choice]):
+        yield

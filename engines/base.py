@@ -219,14 +219,16 @@ def seeded_noises(
 
 
 def copy_to_host(pixels: torch.Tensor) -> torch.Tensor:
-    """The decoded uint8 images, copied to host memory; the copy has landed when this returns.
+    """The decoded uint8 images as a host tensor the caller owns; the copy has landed when this returns.
 
-    From CUDA the destination is pinned (page-locked) memory from torch's caching host allocator: a
-    pageable destination goes through a driver staging buffer and first-touch page faults, which cost
-    32.9 ms for a 4 x 2048² batch (50 MB) on an H100 (bench/RESULTS.md). On the CPU nothing is copied.
+    Always a copy: `pixels` may be an engine's reused output buffer (a CUDA graph's static output, the
+    static decoder's buffers), which the next decode overwrites. From CUDA the destination is pinned
+    (page-locked) memory from torch's caching host allocator: a pageable destination goes through a
+    driver staging buffer and first-touch page faults, which cost 32.9 ms for a 4 x 2048² batch (50 MB)
+    on an H100 (bench/RESULTS.md).
     """
     if pixels.device.type != "cuda":
-        return pixels.cpu()
+        return pixels.clone()
     host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
     host.copy_(pixels, non_blocking=True)
     # The source may be a CUDA graph's static output, rewritten by the next replay: wait for the copy.

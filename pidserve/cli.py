@@ -631,7 +631,7 @@ def bench_engine(
             warmup=warmup,
             repeat=repeat,
             compile_mode=compile_mode,
-            attention_backends=attention_backends.split(","),
+            attention_backends=[name.strip() for name in attention_backends.split(",")],
         )
     except (EngineConfigError, EngineInputError) as exc:
         raise _fail(str(exc)) from None

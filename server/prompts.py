@@ -26,16 +26,30 @@ class PromptEncoder:
 
     @classmethod
     def load(
-        cls, source: str | None, *, device: str, cache_size: int, max_tokens: int, model_name: str
+        cls,
+        source: str | None,
+        *,
+        device: str,
+        cache_size: int,
+        max_tokens: int,
+        model_name: str,
+        attn_implementation: str | None = None,
     ) -> PromptEncoder:
-        """`max_tokens`: the network's text length (the official models: 300)."""
+        """`max_tokens`: the network's text length (the official models: 300). `attn_implementation`:
+        the transformers attention of the encoder (None: its default)."""
         if source is None:
             return cls(None, model_name=model_name)
         from pidserve.model.text import TextEncoder
 
-        log.info("loading text encoder %s on %s", source, device)
+        log.info(
+            "loading text encoder %s on %s (attention: %s)", source, device, attn_implementation or "default"
+        )
         encoder = TextEncoder.from_pretrained(
-            source, device=device, cache_size=cache_size, max_tokens=max_tokens
+            source,
+            device=device,
+            cache_size=cache_size,
+            max_tokens=max_tokens,
+            attn_implementation=attn_implementation,
         )
         return cls(encoder, model_name=model_name)
 

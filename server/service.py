@@ -183,6 +183,9 @@ class DecodeService:
                 cache_size=self.settings.prompt_cache_size,
                 max_tokens=text_length,
                 model_name=self.name,
+                # A pinned attention kernel is process-wide (engines/attention.py): keep the text
+                # encoder off scaled_dot_product_attention, or a prompt could hit the pin mid-decode.
+                attn_implementation=None if self.settings.attention_backend == "auto" else "eager",
             )
             log.info(
                 "warming up %s on %s (%s, batch sizes %s)",

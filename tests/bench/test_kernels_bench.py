@@ -109,3 +109,11 @@ def test_attention_kernels_that_cannot_run_are_skipped_with_a_reason(
     rows = bench_kernels(_setup(), ("patch-attention",), ("torch", "flash"))
     assert [r.impl for r in rows] == ["torch"]
     assert "patch-attention flash skipped: No viable backend" in caplog.text
+
+    # Any other error (on a GPU, e.g. an illegal memory access that breaks every later call) stops the run.
+    def broken(kernel: str):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(kernels, "attention_context", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_kernels(_setup(), ("patch-attention",), ("torch", "flash"))

@@ -170,3 +170,21 @@ def test_autoscaling_on_queue_depth_and_service_monitor() -> None:
 def test_schema_rejects_typos_and_bad_values(values, words) -> None:
     with pytest.raises(helm.HelmValuesError, match=words):
         render(values)
+
+
+def test_attention_kernel_is_set_per_torch_class_and_refused_for_tensorrt() -> None:
+    h100 = {"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3", "backend": "torch-compile"}
+    docs = render({"gpuClasses": [h100 | {"attentionBackend": "cudnn"}], "cpu": {"enabled": False}})
+    (deployment,) = of_kind(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PIDSERVE_ATTENTION_BACKEND"] == "cudnn"
+    tensorrt = render({"gpuClasses": [h100 | {"backend": "tensorrt"}], "cpu": {"enabled": False}})
+    env = {
+        e["name"]
+        for e in of_kind(tensorrt, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert "PIDSERVE_ATTENTION_BACKEND" not in env  # the engine's kernels are TensorRT's
+    with pytest.raises(helm.HelmError, match="attentionBackend applies to the torch backends only"):
+        render({"gpuClasses": [h100 | {"backend": "tensorrt", "attentionBackend": "cudnn"}]})
+    with pytest.raises(helm.HelmValuesError, match="attentionBackend"):
+        render({"gpuClasses": [h100 | {"attentionBackend": "fa3"}]})

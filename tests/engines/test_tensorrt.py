@@ -495,8 +495,13 @@ def test_padding_rows_do_not_change_a_sample(tiny_v15: PiDNet) -> None:
         DecodeBatch(batch.latents[1:2], batch.sigmas[1:2], batch.seeds[1:2], batch.text[1:2])
     ).images
     _agree(together[1:2], alone)
-    # A second decode at the same size reuses the buffers and gives the same bytes.
-    assert torch.equal(decoder.decode(batch).images, together)
+    # A second decode at the same size reuses the buffers and gives the same bytes ...
+    again = decoder.decode(batch).images
+    assert torch.equal(again, together)
+    # ... and a result is the caller's own: the next decode into the same buffers does not change it.
+    snapshot = again.clone()
+    decoder.decode(DecodeBatch(batch.latents, batch.sigmas, batch.seeds + 7, batch.text))
+    assert torch.equal(again, snapshot)
 
 
 def test_decoder_warmup_runs_every_batch_size() -> None:

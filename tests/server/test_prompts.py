@@ -64,3 +64,32 @@ def test_prompt_and_empty_prompt_match_the_encoder(text_model) -> None:
         want = encoder.encode([prompt]) if prompt else encoder.empty()
         assert text is not None and text.shape == (1, 16, HIDDEN)
         torch.testing.assert_close(text, want.float(), rtol=0, atol=0)
+
+
+def test_a_pinned_attention_kernel_keeps_the_text_encoder_off_sdpa(text_model, monkeypatch) -> None:
+    # The pin is process-wide (engines/attention.py): prompts encoded on another thread mid-decode would
+    # see it. With a pinned kernel the server loads the encoder with eager attention; with auto, as is.
+    folder, net = text_model
+    x = torch.randn(1, net.cfg.latent_channels, 2, 2, generator=torch.Generator().manual_seed(1))
+    asked: list[str | None] = []
+    real_load = TextEncoder.from_pretrained.__func__
+
+    def recording_load(cls, *args, **kwargs):
+        asked.append(kwargs.get("attn_implementation"))
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(TextEncoder, "from_pretrained", classmethod(recording_load))
+    for choice in ("auto", "math"):
+        with (
+            live_server(
+                checkpoint=str(folder / "tiny.safetensors"),
+                text_encoder=str(folder / "gemma"),
+                attention_backend=choice,
+            ) as live,
+            Client(live.url) as client,
+        ):
+            encoder = live.app.state.service.prompts.encoder
+            if choice == "math":
+                assert encoder._model.config._attn_implementation == "eager"
+            assert client.decode(x, seed=3, prompt="a cat", format="raw").images().shape == (1, 64, 64, 3)
+    assert asked == [None, "eager"]

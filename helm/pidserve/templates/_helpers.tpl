@@ -24,11 +24,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "pidserve.units" -}}
 {{- $units := list -}}
 {{- range .Values.gpuClasses -}}
-{{- $defaults := dict "backend" "tensorrt" "precision" "bf16" "imageSize" "2048x2048" "maxBatch" 4 "replicas" 1 "buildMinutes" 60 "startupMinutes" 15 "calibrationLatents" "" "resources" (dict "limits" (dict "nvidia.com/gpu" 1)) "nodeSelector" (dict) "tolerations" (list (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule")) -}}
+{{- $defaults := dict "backend" "tensorrt" "precision" "bf16" "imageSize" "2048x2048" "maxBatch" 4 "replicas" 1 "buildMinutes" 60 "startupMinutes" 15 "calibrationLatents" "" "attentionBackend" "auto" "resources" (dict "limits" (dict "nvidia.com/gpu" 1)) "nodeSelector" (dict) "tolerations" (list (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule")) -}}
 {{- $units = append $units (merge (dict "gpu" true) (deepCopy .) $defaults) -}}
 {{- end -}}
 {{- if .Values.cpu.enabled -}}
-{{- $units = append $units (merge (dict "name" "cpu" "gpu" false "backend" "torch" "precision" "fp32" "buildMinutes" 0 "maxBatch" 4) (deepCopy .Values.cpu)) -}}
+{{- $units = append $units (merge (dict "name" "cpu" "gpu" false "backend" "torch" "precision" "fp32" "buildMinutes" 0 "maxBatch" 4 "attentionBackend" "auto") (deepCopy .Values.cpu)) -}}
 {{- end -}}
 {{- toJson (dict "units" $units) -}}
 {{- end -}}
