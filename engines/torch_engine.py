@@ -238,12 +238,6 @@ class TorchCompileEngine(TorchEngine):
         image_sizes: Sequence[tuple[int, int]] | None = None,
         attention_backend: str = "auto",
     ) -> None:
-        super().__init__(net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend)
-        # dynamic=False compiles once per (batch size, image size); past dynamo's recompile limit it
-        # would quietly run eager, so the limit covers every served shape.
-        served = len(self._caps.served_batch_sizes) * max(1, len(image_sizes or ()))
-        if served > torch._dynamo.config.recompile_limit:
-            torch._dynamo.config.recompile_limit = served
         # Mode "default" (None) on every device: on an H100, 2k flux at 2048² compiles in well under a
         # minute per shape and runs 1.55x faster than eager (bench/RESULTS.md); "max-autotune-no-cudagraphs"
         # autotunes for minutes (139 s on a tiny test net) with a speed gain nobody has measured yet.
@@ -254,6 +248,12 @@ class TorchCompileEngine(TorchEngine):
                 f"torch.compile mode {compile_mode!r} captures its own CUDA graphs, which conflicts with the "
                 "engine's capture of the whole decode; use 'default' or 'max-autotune-no-cudagraphs'"
             )
+        super().__init__(net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend)
+        # dynamic=False compiles once per (batch size, image size); past dynamo's recompile limit it
+        # would quietly run eager, so the limit covers every served shape.
+        served = len(self._caps.served_batch_sizes) * max(1, len(image_sizes or ()))
+        if served > torch._dynamo.config.recompile_limit:
+            torch._dynamo.config.recompile_limit = served
         mode = compile_mode or "default"
         self.velocity = torch.compile(self.net.velocity, mode=mode, dynamic=False)
         self._graphs: dict[tuple, _CapturedDecode] = {}
