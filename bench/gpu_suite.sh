@@ -17,6 +17,8 @@
 #             SR diffusion model at 50 and 4 steps (random weights everywhere: timing only)
 #   http      bench http on a started server, 2k_flux random weights at 2048², bf16, eager torch, max
 #             batch 4: raw and PNG at concurrency 1, 2, 4 (the HTTP, encoding and batching overheads)
+#   http-compile  the same server on torch-compile (CUDA graphs, warmed for batch 1 and 2 at start-up),
+#             raw at concurrency 1 and 2: the serving configuration the README recommends
 #
 # Environment: OUT (results folder, default bench/out/gpu), BATCHES (default 1,2,4), REPEAT (default 10),
 # PYTHON (default python3), WHEELS (wheels to install first, default .whl), STAGE_TIMEOUT (seconds; a
@@ -50,7 +52,7 @@ limit_share() {
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
-    sed -n '2,30p' "$0"
+    sed -n '2,32p' "$0"
     exit 2
 fi
 
@@ -110,8 +112,13 @@ run_stage() {
                 --precision bf16 --backend torch --max-batch 4 --formats raw,png --concurrency 1,2,4 \
                 --requests 24 --max-seconds 60 --out "$dir"
             ;;
+        http-compile)
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench http --preset 2k_flux --size 2048x2048 --device cuda \
+                --precision bf16 --backend torch-compile --max-batch 2 --formats raw --concurrency 1,2 \
+                --requests 12 --max-seconds 60 --out "$dir"
+            ;;
         *)
-            echo "unknown stage '$stage'; stages: tests kernels eager compile attention fp8 cascade http" >&2
+            echo "unknown stage '$stage'; stages: tests kernels eager compile attention fp8 cascade http http-compile" >&2
             return 2
             ;;
     esac

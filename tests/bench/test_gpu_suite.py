@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,15 +46,21 @@ def test_a_failing_stage_is_logged_packed_and_the_next_stage_still_runs(tmp_path
             assert sorted(packed.getnames()) == [stage, f"{stage}.log"]
 
 
-def test_a_stage_past_its_time_limit_is_interrupted_and_packed(tmp_path: Path) -> None:
-    # A stand-in Python whose benchmark hangs: the suite must stop it at STAGE_TIMEOUT, keep its log,
-    # and go on to the next stage (on the GPU machine a call has 10 minutes, whatever a stage needs).
+def _hanging_python(tmp_path: Path) -> Path:
+    """A stand-in Python whose benchmarks hang (it still runs the suite's install checks)."""
     slow_python = tmp_path / "python"
     slow_python.write_text(
         f'#!/usr/bin/env bash\nif [ "$1 $2" = "-m pidserve.cli" ]; then echo measuring; exec sleep 120; fi\n'
         f'exec {sys.executable} "$@"\n'
     )
     slow_python.chmod(0o755)
+    return slow_python
+
+
+def test_a_stage_past_its_time_limit_is_interrupted_and_packed(tmp_path: Path) -> None:
+    # The suite must stop a hanging benchmark at STAGE_TIMEOUT, keep its log, and go on to the next
+    # stage (on the GPU machine a call has 10 minutes, whatever a stage needs).
+    slow_python = _hanging_python(tmp_path)
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(slow_python), "STAGE_TIMEOUT": "2"}
     env["WHEELS"] = str(tmp_path / "no-wheels")
     done = subprocess.run(
@@ -69,3 +76,19 @@ def test_a_stage_past_its_time_limit_is_interrupted_and_packed(tmp_path: Path) -
         log = (tmp_path / "out" / f"{stage}.log").read_text()
         assert "measuring" in log and f"=== {stage} FAILED" in log
         assert (tmp_path / "out" / f"{stage}.tar.gz").is_file()
+
+
+def test_a_stage_of_two_commands_shares_its_time_limit(tmp_path: Path) -> None:
+    # `attention` runs bench kernels, then bench engine: each gets a share of STAGE_TIMEOUT (25 % and
+    # 70 %), so the stage ends within the limit instead of taking it twice.
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(_hanging_python(tmp_path))}
+    env |= {"STAGE_TIMEOUT": "12", "WHEELS": str(tmp_path / "no-wheels")}
+    started = time.monotonic()
+    done = subprocess.run(
+        ["bash", str(SUITE), "attention"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
+    )
+    elapsed = time.monotonic() - started
+    log = (tmp_path / "out" / "attention.log").read_text()
+    assert done.returncode == 1 and log.count("measuring") == 2  # both commands ran and were stopped
+    # 3 s + 8 s of benchmarks plus the install checks; a full STAGE_TIMEOUT per command would be 24 s
+    assert elapsed < 20, elapsed
