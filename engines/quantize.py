@@ -27,9 +27,10 @@ and with them FP8 scales, differ from real decodes.
 The export uses torch.export (like export.py), where ModelOpt's quantizers appear as the custom
 op tensorrt::quantize_op; a translation table turns each into ONNX QuantizeLinear/DequantizeLinear
 with an FP8 E4M3 zero point (ONNX opset 19), which TensorRT's ONNX parser builds into FP8 kernels.
-ModelOpt and TensorRT are imported lazily; quantizing needs an NVIDIA GPU with compute capability
->= 8.9 (not run yet: needs an NVIDIA GPU with TensorRT and ModelOpt). The exclusion plan, the
-calibration-data rules and the Q/DQ export run on the CPU and are tested there.
+ModelOpt and TensorRT are imported lazily; a build quantizes on an NVIDIA GPU with compute capability
+>= 8.9 (never run there yet: the lent GPU machines have neither TensorRT nor ModelOpt). ModelOpt's fake
+quantization also runs on the CPU, so the exclusion plan, the calibration, the Q/DQ export and the
+exported graph's agreement with ModelOpt are tested there with the real library.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -273,12 +275,15 @@ def quantize_fp8(
     batch_size: int = 1,
     steps: int = 4,
     compute_capability: ComputeCapability | None = None,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
 ) -> PiDNet:
     """Quantize `net` in place to FP8 with ModelOpt, calibrated on `data`; excluded layers stay BF16.
 
-    The network is moved to the GPU in bfloat16 first: the layers left unquantized run in the
-    dtype of the exported graph. Not run yet: needs an NVIDIA GPU (compute capability >= 8.9)
-    with ModelOpt.
+    The network is moved to `device` in `dtype` first (for a build: the GPU, bfloat16): the layers
+    left unquantized run in the dtype of the exported graph. ModelOpt's fake quantization also runs
+    on the CPU, which the tests use (fp32, so ONNX Runtime can check the exported graph). Never run
+    on a GPU yet (the GPU machines have no ModelOpt): needs compute capability >= 8.9.
     """
     if compute_capability is None:
         gpu_name, compute_capability = current_gpu()
@@ -296,7 +301,7 @@ def quantize_fp8(
         data.size,
         data.source,
     )
-    net = net.to(device="cuda", dtype=torch.bfloat16).eval()
+    net = net.to(device=device, dtype=dtype).eval()
     # ModelOpt's documented flow: insert quantizers and calibrate, then switch off the excluded ones.
     quantized = mtq.quantize(net, mtq.FP8_DEFAULT_CFG, calibration_forward_loop(data, batch_size, steps))
     mtq.disable_quantizer(quantized, quantizer_filter(exclude))
@@ -347,6 +352,17 @@ def modelopt_quantize_op() -> Any:
     return torch.ops.tensorrt.quantize_op.default
 
 
+def modelopt_export_mode() -> AbstractContextManager[object]:
+    """ModelOpt's switch for tracing its quantizers with torch.export. Without it a *disabled*
+    quantizer (an excluded layer's) leaves a FakeTensor constant in the exported program, which the
+    ONNX exporter's constant folding cannot read (".numpy() is not supported for tensor subclasses");
+    found by exporting a really quantized network, ModelOpt 0.47."""
+    import_modelopt()
+    from modelopt.torch.quantization.utils import export_torch_mode
+
+    return export_torch_mode()
+
+
 def export_graph(
     module: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -385,6 +401,17 @@ def export_quantized_graphs(
     """
     op = quantize_op if quantize_op is not None else modelopt_quantize_op()
     table = {op: fp8_qdq_translation()}
+    with modelopt_export_mode() if quantize_op is None else nullcontext():
+        return _export_quantized_graphs(net, out_dir, profile, table, quantization)
+
+
+def _export_quantized_graphs(
+    net: PiDNet,
+    out_dir: str | Path,
+    profile: ShapeProfile,
+    table: dict[Any, Callable[..., Any]],
+    quantization: dict[str, Any] | None,
+) -> ExportedGraphs:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = net.eval()
