@@ -178,6 +178,11 @@ def test_torch_compile_cuda_graph_replays_match_eager_on_gpu() -> None:
     again = engine.decode(batch).images  # replays
     assert torch.equal(first, again)
     _agree(first, eager)
+    # The result is the caller's own pinned copy, not a view of the graph's static output buffer.
+    assert first.is_pinned()
+    snapshot = first.clone()
+    engine.decode(DecodeBatch(batch.latents, batch.sigmas, batch.seeds + 1))
+    assert torch.equal(first, snapshot)
 
 
 def test_served_batch_sizes_pad_partial_batches(tiny_v15: PiDNet) -> None:
