@@ -40,13 +40,18 @@ REPEAT=${REPEAT:-10}
 COMPILE_MODE=${COMPILE_MODE:-default}
 WHEELS=${WHEELS:-.whl}
 # Interrupt (SIGINT, so Python unwinds and logs) a stage's command past its time; kill it 20 s later.
-# limit_share PERCENT: the next command may use that share of STAGE_TIMEOUT (a stage of two commands
-# splits it, so the whole stage still ends within STAGE_TIMEOUT plus the kill grace).
+# limit_share PERCENT: the next command may use that share of STAGE_TIMEOUT, at least 1 s (a stage of
+# two commands splits it, so the whole stage ends within STAGE_TIMEOUT plus a 20 s grace per command).
+if [ -n "${STAGE_TIMEOUT:-}" ] && ! [[ $STAGE_TIMEOUT =~ ^[0-9]+$ ]]; then
+    echo "STAGE_TIMEOUT must be a whole number of seconds, got '$STAGE_TIMEOUT'" >&2
+    exit 2
+fi
 LIMIT=()
 limit_share() {
     LIMIT=()
     if [ -n "${STAGE_TIMEOUT:-}" ]; then
-        LIMIT=(timeout --signal=INT --kill-after=20 "$((STAGE_TIMEOUT * $1 / 100))")
+        local seconds=$((STAGE_TIMEOUT * $1 / 100))
+        LIMIT=(timeout --signal=INT --kill-after=20 "$((seconds > 0 ? seconds : 1))")
     fi
 }
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
@@ -90,14 +95,17 @@ run_stage() {
                 --compile-mode "$COMPILE_MODE" --out "$dir"
             ;;
         attention)
+            # Both commands run; the stage fails if either does (set -e is off inside `if ! run_stage`).
+            local status=0
             limit_share 25
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench kernels --preset 2k_flux --size 2048x2048 --batch 1 \
                 --device cuda --precision bf16 --operations patch-attention,pixel-attention --repeat 20 \
-                --out "$dir/kernels"
+                --out "$dir/kernels" || status=$?
             limit_share 70
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine --preset 2k_flux --size 2048x2048 --device cuda \
                 --batches 1 --repeat "$REPEAT" --warmup 2 --precision bf16 --backends torch-compile \
-                --attention-backends auto,cudnn --compile-mode "$COMPILE_MODE" --out "$dir/engine"
+                --attention-backends auto,cudnn --compile-mode "$COMPILE_MODE" --out "$dir/engine" || status=$?
+            return $status
             ;;
         fp8)
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench engine "${FLUX[@]}" --precision fp8 --backends torch,torch-compile \

@@ -1,7 +1,8 @@
 """FP8 quantization: exclusion plan, calibration-data rules, the missing-ModelOpt error, Q/DQ export.
 
-ModelOpt and a GPU are not needed: the calibration loop runs on a tiny CPU network, and the FP8
-export is checked with a stand-in for ModelOpt's tensorrt::quantize_op (same schema) defined here.
+No GPU is needed: the calibration loop runs on a tiny CPU network. Most export tests use a stand-in for
+ModelOpt's tensorrt::quantize_op (same schema) defined here; the last ones use the real ModelOpt, whose
+fake quantization runs on the CPU (skipped where it is not installed; the test extra installs it).
 """
 
 from __future__ import annotations
