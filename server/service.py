@@ -227,6 +227,7 @@ class DecodeService:
                     "device": caps.device,
                     "precision": caps.precision,
                     "latent_space": caps.latent_space,
+                    "attention": self.settings.attention_backend,
                 }
             )
             self.state = "ready"

@@ -196,7 +196,7 @@ def test_metrics_exposition(server) -> None:
     ]  # fmt: skip
     assert decode_ok and decode_ok[0].value >= 1
     model = families["pidserve_model_info"].samples[0].labels
-    assert model["backend"] == "torch" and model["name"] == "pid-tiny"
+    assert model["backend"] == "torch" and model["name"] == "pid-tiny" and model["attention"] == "auto"
     assert not any(name.startswith("pidserve_gpu") for name in families)  # no GPU here: not exported
 
 
