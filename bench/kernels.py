@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pidserve.engines.attention import attention_context
+from pidserve.engines.attention import RUNS_ON, SDPA_BACKENDS, attention_context
 from pidserve.kernels import postprocess, postprocess_reference, triton_available
 from pidserve.model import PiDConfig
 from pidserve.model.layers import RMSNorm, modulate
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 OPERATIONS = ("postprocess", "pixel-modulation", "copy", "patch-attention", "pixel-attention")
 DEFAULT_OPERATIONS = ("postprocess", "pixel-modulation", "copy")
-ATTENTION_KERNELS = ("flash", "cudnn", "efficient", "math")
+ATTENTION_KERNELS = tuple(SDPA_BACKENDS)  # flash, cudnn, efficient, math
 IMPLS = ("torch", "torch-compile", "triton", *ATTENTION_KERNELS)
 
 
@@ -91,15 +91,22 @@ def available_impls(operation: str, device: torch.device) -> tuple[str, ...]:
         return ("torch", "torch-compile")
     if operation.endswith("-attention"):
         return (
-            ("torch", "flash", "cudnn", "efficient") if device.type == "cuda" else ("torch", "flash", "math")
+            "torch",
+            *(k for k in _attention_kernels(device) if not (k == "math" and device.type == "cuda")),
         )
     return ("torch",)
 
 
 def runnable_impls(operation: str, device: torch.device) -> tuple[str, ...]:
     """What --impls may ask for on `device`: the defaults, plus math attention on CUDA."""
-    extra = ("math",) if operation.endswith("-attention") and device.type == "cuda" else ()
-    return available_impls(operation, device) + extra
+    if operation.endswith("-attention"):
+        return ("torch", *_attention_kernels(device))
+    return available_impls(operation, device)
+
+
+def _attention_kernels(device: torch.device) -> tuple[str, ...]:
+    """The kernels an engine may pin on this device type (engines/attention.py)."""
+    return RUNS_ON.get(device.type, ())
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> Summary:

@@ -188,3 +188,18 @@ def test_attention_kernel_is_set_per_torch_class_and_refused_for_tensorrt() -> N
         render({"gpuClasses": [h100 | {"backend": "tensorrt", "attentionBackend": "cudnn"}]})
     with pytest.raises(helm.HelmValuesError, match="attentionBackend"):
         render({"gpuClasses": [h100 | {"attentionBackend": "fa3"}]})
+
+
+def test_the_charts_attention_kernels_are_the_engines() -> None:
+    # Written out in three places (engines/attention.py, the server's settings, the values schema):
+    # they must not drift apart.
+    import json
+    from typing import get_args
+
+    from pidserve.engines.attention import ATTENTION_BACKENDS
+    from pidserve.server import ServerSettings
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    unit = schema["properties"]["gpuClasses"]["items"]["properties"]
+    assert tuple(unit["attentionBackend"]["enum"]) == ATTENTION_BACKENDS
+    assert get_args(ServerSettings.model_fields["attention_backend"].annotation) == ATTENTION_BACKENDS
