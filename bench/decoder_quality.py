@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from pidserve.model import PiDNet, sample, sample_teacher
 from pidserve.model.autoencoder import TinyAutoencoder
 from pidserve.model.default import decode_latent_cascade
-from pidserve.model.latents import get_latent_space
+from pidserve.model.latents import LatentSpace, get_latent_space
 from pidserve.model.sampler import resolution_shift
 
 from . import quality
@@ -36,6 +38,7 @@ class QualitySetup:
     crop: int = 256
     crops_per_photo: int = 6
     short_side: int = 640  # photos are resized like the training photos
+    upscale: bool = True  # False: photos below short_side keep their size (the v2 recipes' setting)
     teacher_steps: int = 32
     teacher_shift: float = 3.0  # at 256 px, scaled with the side (the teacher's training shift)
     teacher_shift_base: int = 256
@@ -44,45 +47,47 @@ class QualitySetup:
 
 def holdout_crops(setup: QualitySetup, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hr [N, 3, S, S], lr [N, 3, S/scale, S/scale]) in [-1, 1]: crops on a fixed grid per photo."""
-    from pidserve.training.data import degrade, list_images, load_photo
+    from pidserve.training.data import degrade, grid_crops
 
-    crops = []
-    for path in list_images(setup.photos):
-        photo = load_photo(path, setup.short_side, setup.crop)
-        _, height, width = photo.shape
-        per_row = max(1, setup.crops_per_photo // 2)
-        for i in range(setup.crops_per_photo):
-            row, col = divmod(i, per_row)
-            top = (height - setup.crop) * row // max(1, (setup.crops_per_photo - 1) // per_row)
-            left = (width - setup.crop) * col // max(1, per_row - 1)
-            crops.append(photo[:, top : top + setup.crop, left : left + setup.crop])
-    hr = torch.stack(crops).float().div(127.5).sub(1.0)
+    hr = grid_crops(setup.photos, setup.crop, setup.crops_per_photo, setup.short_side, setup.upscale)
     return hr, degrade(hr, scale)
 
 
 @torch.no_grad()
 def evaluate_decoders(
-    setup: QualitySetup, student: PiDNet, teacher: PiDNet | None, ae: TinyAutoencoder, batch: int = 4
+    setup: QualitySetup,
+    student: PiDNet,
+    teacher: PiDNet | None,
+    ae: TinyAutoencoder,
+    batch: int = 4,
+    space: LatentSpace | None = None,
 ) -> dict:
-    """Per-method mean metrics over the held-out crops, plus one output per method for a picture grid."""
+    """Per-method mean metrics over the held-out crops, plus every output for a picture grid.
+
+    Methods: bicubic (of the true low-res image: what a decoder could at best start from), cascade,
+    student, and teacher when given. "ground_truth_blockiness" is the real crops' own figure.
+    `space`: the latents' normalisation (default: the student's registered latent space).
+    """
     scale = student.cfg.sr_scale
     hr, lr = holdout_crops(setup, scale)
-    space = get_latent_space(student.cfg.latent_space)
+    space = space or get_latent_space(student.cfg.latent_space)
     shift = resolution_shift((setup.crop, setup.crop), setup.teacher_shift, setup.teacher_shift_base)
-    decoders = {
-        "cascade": lambda z, g: decode_latent_cascade(ae, z, scale),
-        "student": lambda z, g: sample(student, z, 0.0, generator=g),
+    decoders: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]] = {
+        "bicubic": lambda z, low, g: F.interpolate(low, scale_factor=scale, mode="bicubic"),
+        "cascade": lambda z, low, g: decode_latent_cascade(ae, z, scale, space),
+        "student": lambda z, low, g: sample(student, z, 0.0, generator=g),
     }
     if teacher is not None:
-        decoders["teacher"] = lambda z, g: sample_teacher(
+        decoders["teacher"] = lambda z, low, g: sample_teacher(
             teacher, z, 0.0, steps=setup.teacher_steps, shift=shift, generator=g
         )
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in decoders}
     for start in tqdm(range(0, len(hr), batch), desc="held-out crops", unit="batch"):
-        z = space.normalize(ae.encode(lr[start : start + batch]).float())
+        low = lr[start : start + batch]
+        z = space.normalize(ae.encode(low).float())
         for name, decode in decoders.items():
             gen = torch.Generator().manual_seed(setup.seed + start)
-            outputs[name].append(decode(z, gen).float())
+            outputs[name].append(decode(z, low, gen).float())
     to01 = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
     results = {}
     for name, parts in outputs.items():
@@ -94,38 +99,96 @@ def evaluate_decoders(
         "crop": setup.crop,
         "scale": scale,
         "metrics": results,
+        "ground_truth_blockiness": quality.blockiness(to01(hr)).mean().item(),
         "samples": samples,
         "hr": hr,
         "lr": lr,
     }
 
 
+# x0 error of a flow network at these times: the student's four (0.999 ... 0.342) and a low one.
+X0_TIMES = (0.999, 0.866, 0.634, 0.342, 0.1)
+
+
+@torch.no_grad()
+def x0_error_by_t(
+    setup: QualitySetup,
+    nets: dict[str, PiDNet],
+    ae: TinyAutoencoder,
+    times: tuple[float, ...] = X0_TIMES,
+    batch: int = 8,
+    space: LatentSpace | None = None,
+) -> dict[str, dict[float, float]]:
+    """Held-out x0 MSE (on [-1, 1]) of each net at each t, teacher-forced: x_t = (1 - t) hr + t eps.
+
+    x0 = x_t - t * v(x_t, t); sigma 0, the same noise for every net. This is the check that a
+    teacher predicts the image from the latent where every sampler starts (t near 1), against a
+    regression baseline's figure at t = 0.999.
+    """
+    first = next(iter(nets.values()))
+    scale = first.cfg.sr_scale
+    hr, lr = holdout_crops(setup, scale)
+    space = space or get_latent_space(first.cfg.latent_space)
+    errors: dict[str, dict[float, list[torch.Tensor]]] = {name: {t: [] for t in times} for name in nets}
+    for start in tqdm(range(0, len(hr), batch), desc="x0 error", unit="batch"):
+        target = hr[start : start + batch]
+        z = space.normalize(ae.encode(lr[start : start + batch]).float())
+        for k, t in enumerate(times):
+            gen = torch.Generator().manual_seed(setup.seed + 1000 * k + start)
+            eps = torch.randn(target.shape, generator=gen)
+            x_t = (1 - t) * target + t * eps
+            for name, net in nets.items():
+                t_scaled = torch.full((len(target),), t * 1000.0)
+                v = net(x_t, t_scaled, z, torch.zeros(len(target))).float()
+                errors[name][t].append((x_t - t * v - target).pow(2).mean(dim=(1, 2, 3)))
+    return {name: {t: float(torch.cat(v).mean()) for t, v in per_t.items()} for name, per_t in errors.items()}
+
+
+def x0_table(errors: dict[str, dict[float, float]]) -> str:
+    times = list(next(iter(errors.values())))
+    lines = ["| network | " + " | ".join(f"t = {t}" for t in times) + " |", "|---" * (len(times) + 1) + "|"]
+    for name, per_t in errors.items():
+        lines.append(f"| {name} | " + " | ".join(f"{per_t[t]:.4f}" for t in times) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     lines = [
-        "| decoder | PSNR (dB) ↑ | SSIM ↑ | colour error ΔE00 vs low-res ↓ | high-freq spectral distance ↓ |",
-        "|---|---|---|---|---|",
+        "| decoder | PSNR (dB) ↑ | SSIM ↑ | colour error ΔE00 vs low-res ↓ | high-freq spectral distance ↓ "
+        "| blockiness (~1) | colour shift, levels (mean / max) ↓ |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics.items():
         lines.append(
             f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['colour_error']:.3f} | "
-            f"{m['spectral_distance']:.3f} |"
+            f"{m['spectral_distance']:.3f} | {m['blockiness']:.3f} | "
+            f"{m['colour_shift']:.2f} / {m['colour_shift_max']:.2f} |"
         )
     return "\n".join(lines)
 
 
-def write_report(result: dict, out_dir: Path, grid_columns: int = 3) -> Path:
-    """metrics.json, table.md and grid.png (rows: ground truth, cascade, teacher, student)."""
+GRID_ROWS = ("bicubic", "cascade", "teacher", "student")
+
+
+def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
+    """metrics.json, table.md and grid.png: `grid_columns` crops spread over the held-out set.
+
+    Grid rows, top to bottom: the low-res input (pixels enlarged), bicubic, cascade, teacher (when
+    measured), student, ground truth.
+    """
     from pidserve.training.loop import save_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {k: result[k] for k in ("crops", "crop", "scale", "metrics")}
+    payload = {k: result[k] for k in ("crops", "crop", "scale", "metrics", "ground_truth_blockiness")}
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out_dir / "table.md").write_text(markdown_table(result["metrics"]) + "\n")
+    table = markdown_table(result["metrics"])
+    table += f"\n\nground-truth blockiness: {result['ground_truth_blockiness']:.3f}\n"
+    (out_dir / "table.md").write_text(table)
     count = len(result["hr"])
     pick = torch.linspace(0, count - 1, grid_columns).round().long()
-    rows = [result["hr"][pick]] + [
-        result["samples"][n][pick] for n in ("cascade", "teacher", "student") if n in result["samples"]
-    ]
+    rows = [result["lr"][pick]]
+    rows += [result["samples"][n][pick] for n in GRID_ROWS if n in result["samples"]]
+    rows.append(result["hr"][pick])
     grid = out_dir / "grid.png"
     save_grid(grid, rows)
     return grid

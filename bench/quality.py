@@ -8,6 +8,8 @@ Four figures, each answering one question about a super-resolution decode:
 | `ssim` | is the local structure (luma contrast, edges) the same? | higher, 1 = identical |
 | `colour_error` | are the colours of the low-res input kept? (mean CIEDE2000) | lower, < ~1 is invisible |
 | `spectral_distance` | is the fine detail as strong as in the truth, or blurred away? | lower, 0 = same |
+| `blockiness` | does a block grid show (steps across 8/16-px lines vs elsewhere)? | ~1 = no grid |
+| `colour_shift` | does the whole image drift in colour (mean RGB vs the input, in levels)? | lower |
 
 Images are float tensors [B, 3, H, W], RGB, sRGB-encoded, nominally in [0, 1]; values a little
 outside are accepted (decoders overshoot) and used as they are. Every function computes in float64
@@ -335,17 +337,65 @@ def spectral_distance(pred: torch.Tensor, target: torch.Tensor, min_frequency: f
     return diff[:, freqs >= min_frequency].mean(dim=1)
 
 
+# ------------------------------------------------------------------------- block grid, colour cast
+
+BLOCK_PERIODS = (8, 16)  # the latent cell and the patch sizes a decoder's grid would follow
+
+
+def blockiness(img: torch.Tensor, periods: tuple[int, ...] = BLOCK_PERIODS) -> torch.Tensor:
+    """How much a block grid shows, per image: the largest, over `periods`, of
+    mean |luma step| across the grid lines (every `period` pixels, both axes) / mean |step| elsewhere.
+
+    img: [B, 3, H, W] in [0, 1]. Returns [B]; about 1 for an image without a grid (real photos
+    measure a little above 1: JPEG's own 8x8 blocks), above 1 where edges line up with the grid.
+    """
+    _check_images(img=img)
+    y = _luma(img.double())[:, 0]  # [B, H, W]
+    # Steps along rows and along columns, both as [B, lines, steps]; step j lies between pixels
+    # j and j + 1, on the grid when j + 1 is a multiple of the period.
+    steps = [(y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:, :] - y[:, :-1, :]).abs().transpose(1, 2)]
+    ratios = []
+    for period in periods:
+        on = [(torch.arange(s.shape[2], device=y.device) + 1) % period == 0 for s in steps]
+        if not any(mask.any() for mask in on):
+            raise ValueError(f"images of {tuple(img.shape[2:])} px have no {period}-px grid lines")
+        on_mean = torch.cat([s[:, :, m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
+        off_mean = torch.cat([s[:, :, ~m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
+        ratios.append(on_mean / off_mean.clamp_min(1e-12))
+    return torch.stack(ratios).amax(dim=0)
+
+
+def colour_shift(pred: torch.Tensor, low_res_reference: torch.Tensor) -> torch.Tensor:
+    """Colour cast per image: max over R, G, B of |mean(pred) - mean(low_res_reference)| in 8-bit levels.
+
+    pred: [B, 3, H, W] in [0, 1], low_res_reference: [B, 3, h, w] in [0, 1] (the decoder's input
+    image; any size, only its mean colour counts). Returns [B]; a decoder that keeps the input's
+    colours scores under ~3 levels, a visible cast is 10 or more.
+    """
+    _check_images(pred=pred)
+    _check_images(low_res_reference=low_res_reference)
+    if pred.shape[0] != low_res_reference.shape[0]:
+        raise ValueError(f"pred has {pred.shape[0]} images, low_res_reference {low_res_reference.shape[0]}")
+    diff = pred.double().mean(dim=(2, 3)) - low_res_reference.double().mean(dim=(2, 3))
+    return 255 * diff.abs().amax(dim=1)
+
+
 def evaluate(pred: torch.Tensor, target: torch.Tensor, low_res: torch.Tensor, scale: int) -> dict[str, float]:
-    """All four figures, each averaged over the batch.
+    """All figures, each averaged over the batch (colour_shift_max: the worst image's cast).
 
     pred, target: [B, 3, H, W] in [0, 1]; low_res: [B, 3, H/scale, W/scale] in [0, 1], the decoder's
     input image; scale: the SR factor. Returns {"psnr": dB, "ssim": ..., "colour_error": dE00,
-    "spectral_distance": log10 units}. "psnr" is inf if any image is identical to its target.
+    "spectral_distance": log10 units, "blockiness": ratio, "colour_shift": levels,
+    "colour_shift_max": levels}. "psnr" is inf if any image is identical to its target.
     """
     with torch.no_grad():
+        shift = colour_shift(pred, low_res)
         return {
             "psnr": psnr(pred, target).mean().item(),
             "ssim": ssim(pred, target).mean().item(),
             "colour_error": colour_error(pred, low_res, scale).mean().item(),
             "spectral_distance": spectral_distance(pred, target).mean().item(),
+            "blockiness": blockiness(pred).mean().item(),
+            "colour_shift": shift.mean().item(),
+            "colour_shift_max": shift.max().item(),
         }

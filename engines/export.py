@@ -109,7 +109,9 @@ class StepGraph(nn.Module):
         self.register_buffer("joint_sin", joint_sin, persistent=False)
         self.register_buffer("pixel_cos", pixel_cos, persistent=False)
         self.register_buffer("pixel_sin", pixel_sin, persistent=False)
-        self.register_buffer("pixel_positions", net._pixel_positions(*image_size, device), persistent=False)
+        self.register_buffer(
+            "pixel_positions", net.pixel_position_features(*image_size, device), persistent=False
+        )
         self.train(net.training)
 
     def conditioning(

@@ -13,6 +13,7 @@ on the training photos (model/latents.py), like FLUX.1's 0.3611 / 0.1159.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .latents import LatentSpace, ScaleShift, get_latent_space
 
 
 @dataclass(frozen=True)
@@ -130,3 +133,18 @@ def load_autoencoder(path: str | Path) -> tuple[TinyAutoencoder, dict]:
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     ae.load_state_dict(state)
     return ae.eval(), info
+
+
+def latent_space_of(info: dict) -> LatentSpace:
+    """The "tiny-ae" latent space normalised with one autoencoder file's own measured statistics.
+
+    `info` is load_autoencoder's metadata. The registered "tiny-ae" space holds the shipped
+    tiny-ae's figures; trainers and benchmarks of another tiny-ae (a new one being trained) use
+    this instead, so its latents are normalised as the network that reads them was trained.
+    """
+    stats = info.get("latent_stats")
+    if not stats or not stats.get("std"):
+        raise ValueError("this autoencoder file records no latent statistics (latent_stats in its metadata)")
+    space = get_latent_space("tiny-ae")
+    normalization = ScaleShift(scale=1.0 / float(stats["std"]), shift=float(stats["mean"]))
+    return dataclasses.replace(space, normalization=normalization)

@@ -15,7 +15,7 @@ import torch
 
 from .autoencoder import TinyAutoencoder, load_autoencoder
 from .checkpoints import load_checkpoint
-from .latents import get_latent_space
+from .latents import LatentSpace, get_latent_space
 from .network import PiDNet
 
 DEFAULT_MODEL_NAME = "pid-tiny"
@@ -57,8 +57,13 @@ def encode_image(ae: TinyAutoencoder, image: np.ndarray | torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def decode_latent_cascade(ae: TinyAutoencoder, latent: torch.Tensor, scale: int) -> torch.Tensor:
-    """The cascade baseline: tiny-ae decode, then bicubic upsampling by `scale`; [-1, 1] float32."""
-    low = ae.decode(get_latent_space("tiny-ae").denormalize(latent.float()))
+def decode_latent_cascade(
+    ae: TinyAutoencoder, latent: torch.Tensor, scale: int, space: LatentSpace | None = None
+) -> torch.Tensor:
+    """The cascade baseline: tiny-ae decode, then bicubic upsampling by `scale`; [-1, 1] float32.
+
+    `space`: the latent's normalisation (default: the registered "tiny-ae" space).
+    """
+    low = ae.decode((space or get_latent_space("tiny-ae")).denormalize(latent.float()))
     up = torch.nn.functional.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False)
     return up.clamp(-1, 1)

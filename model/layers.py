@@ -125,7 +125,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def pixel_position_table(
-    height: int, width: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float64
+    height: int,
+    width: int,
+    dim: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float64,
+    origin: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """Fixed 2D sin-cos table [height, width, dim] over integer pixel coordinates.
 
@@ -133,16 +138,20 @@ def pixel_position_table(
     [sin(pos * w_i), cos(pos * w_i)] with w_i = 10000^(-i / (dim / 4)). Sines and cosines are
     computed in float64 (per row and per column only), then cast to `dtype` and broadcast.
     Built on `device` directly: no host-to-device copy, so it can run inside a CUDA graph.
+    `origin` (row, column) is the coordinate of the top-left pixel: (0, 0) at inference, as in the
+    official network; trainers shift it so that no absolute position is special (see
+    training/teacher.py), which is what lets a small model decode sizes larger than its crops.
     """
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
 
-    def encode(n: int) -> torch.Tensor:
-        angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * omega[None]
+    def encode(n: int, start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + n, dtype=torch.float64, device=device)
+        angles = positions[:, None] * omega[None]
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).to(dtype)  # [n, dim/2]
 
-    cols = encode(width)[None].expand(height, width, dim // 2)
-    rows = encode(height)[:, None].expand(height, width, dim // 2)
+    cols = encode(width, origin[1])[None].expand(height, width, dim // 2)
+    rows = encode(height, origin[0])[:, None].expand(height, width, dim // 2)
     return torch.cat([cols, rows], dim=-1)
 
 

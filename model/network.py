@@ -228,11 +228,14 @@ class PiDNet(nn.Module):
         sigma: torch.Tensor,
         text: torch.Tensor | None = None,
         image_size: tuple[int, int] | None = None,
+        pixel_origin: tuple[int, int] = (0, 0),
     ) -> Conditioning:
         """Run everything that does not depend on x_t or t: adapter trunk, text embedding, tables.
 
         latent [B, C, h, w]; sigma [B] (or a float); text [B, Lt, text_dim] or None (no text
         tokens); image_size (H, W) defaults to the config's output size for this latent.
+        pixel_origin: the pixel coordinate of the top-left pixel in the pixel position table;
+        (0, 0) at inference (official), shifted by trainers (`pixel_position_features`).
         """
         cfg = self.cfg
         if latent.ndim != 4 or latent.shape[1] != cfg.latent_channels:
@@ -263,7 +266,7 @@ class PiDNet(nn.Module):
             text=text_tokens,
             joint_rope=self._joint_rope(grid, text_len, latent.device),
             pixel_rope=self._grid_rope(grid, cfg.pixel_head_dim, latent.device),
-            pixel_positions=self._pixel_positions(height, width, latent.device),
+            pixel_positions=self.pixel_position_features(height, width, latent.device, pixel_origin),
             image_size=(height, width),
         )
 
@@ -289,8 +292,11 @@ class PiDNet(nn.Module):
         angles = torch.cat([text_angles, self._grid_angles(grid, head_dim, device)])
         return angles.cos()[:, None], angles.sin()[:, None]
 
-    def _pixel_positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        table = pixel_position_table(height, width, self.cfg.pixel_hidden_size, device, self.dtype)
+    def pixel_position_features(
+        self, height: int, width: int, device: torch.device, origin: tuple[int, int] = (0, 0)
+    ) -> torch.Tensor:
+        """The fixed pixel position table as per-patch pixel tokens [L, P*P, pixel_hidden]."""
+        table = pixel_position_table(height, width, self.cfg.pixel_hidden_size, device, self.dtype, origin)
         return to_patch_pixels(table.permute(2, 0, 1)[None], self.cfg.patch_size)[0]
 
     # ---- once per step ----------------------------------------------------------------------

@@ -959,16 +959,23 @@ def bench_quality(
         str, typer.Option(help="Student checkpoint ('default': the embedded pid-tiny).")
     ] = "default",
     teacher: Annotated[Path | None, typer.Option(help="Teacher checkpoint (many-step Euler).")] = None,
+    autoencoder: Annotated[
+        Path | None, typer.Option(help="tiny-ae file whose latents the decoders read (default: embedded).")
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for metrics.json, table.md, grid.png.")
     ] = Path("bench/out/quality"),
+    crop: Annotated[int, typer.Option(help="Output (ground-truth crop) side in pixels.")] = 256,
     crops_per_photo: Annotated[int, typer.Option(help="Crops per held-out photo.")] = 6,
+    short_side: Annotated[int, typer.Option(help="Photos are reduced to this short side first.")] = 640,
+    upscale: Annotated[
+        bool, typer.Option(help="Also enlarge photos smaller than --short-side (v1's protocol).")
+    ] = False,
     teacher_steps: Annotated[int, typer.Option(help="Euler steps of the teacher.")] = 32,
 ) -> None:
-    """PSNR, SSIM, colour error, high-frequency fidelity: student vs teacher vs cascade (tiny-ae)."""
+    """PSNR, SSIM, colour, detail, block grid: student vs teacher vs cascade (tiny-ae) vs bicubic."""
     from pidserve.bench.decoder_quality import QualitySetup, evaluate_decoders, markdown_table, write_report
     from pidserve.model import load_checkpoint
-    from pidserve.model.default import load_default_autoencoder
 
     net = _load_model(student, None)
     if net.cfg.latent_space != "tiny-ae":
@@ -977,14 +984,85 @@ def bench_quality(
             f"'{net.cfg.latent_space}'"
         )
     teacher_net = load_checkpoint(teacher) if teacher else None
-    setup = QualitySetup(photos, crops_per_photo=crops_per_photo, teacher_steps=teacher_steps)
+    setup = QualitySetup(
+        photos,
+        crop=crop,
+        crops_per_photo=crops_per_photo,
+        short_side=short_side,
+        upscale=upscale,
+        teacher_steps=teacher_steps,
+    )
     try:
-        result = evaluate_decoders(setup, net, teacher_net, load_default_autoencoder())
+        ae, space = _load_autoencoder(autoencoder)
+        result = evaluate_decoders(setup, net, teacher_net, ae, space=space)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
     grid = write_report(result, out)
     typer.echo(markdown_table(result["metrics"]))
+    typer.echo(f"ground-truth blockiness {result['ground_truth_blockiness']:.3f}")
     typer.echo(f"{result['crops']} crops; wrote {out / 'metrics.json'}, {out / 'table.md'}, {grid}")
+
+
+@bench_app.command("x0-error")
+def bench_x0_error(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Teacher / regression checkpoints to compare.")],
+    photos: Annotated[Path, typer.Option(help="Held-out photo folder.")] = Path("data/photos/holdout"),
+    autoencoder: Annotated[
+        Path | None, typer.Option(help="tiny-ae file whose latents the networks read (default: embedded).")
+    ] = None,
+    crop: Annotated[int, typer.Option(help="Output (ground-truth crop) side in pixels.")] = 256,
+    crops_per_photo: Annotated[int, typer.Option(help="Crops per held-out photo.")] = 6,
+    short_side: Annotated[int, typer.Option(help="Photos are reduced to this short side first.")] = 640,
+    times: Annotated[
+        str, typer.Option(help="Comma-separated diffusion times.")
+    ] = "0.999,0.866,0.634,0.342,0.1",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write x0_error.json here.")] = None,
+) -> None:
+    """Held-out x0 error by diffusion time (teacher-forced): is a teacher worth distilling?"""
+    from pidserve.bench.decoder_quality import QualitySetup, x0_error_by_t, x0_table
+    from pidserve.model import load_checkpoint
+
+    try:
+        parsed_times = tuple(float(t) for t in times.split(","))
+    except ValueError:
+        raise _fail(f"--times must be comma-separated numbers in (0, 1], got {times!r}") from None
+    if not all(0 < t <= 1 for t in parsed_times):
+        raise _fail(f"--times must lie in (0, 1], got {times!r}")
+    for path in checkpoints:
+        if not path.is_file():
+            raise _fail(f"{path} does not exist")
+    nets = {path.name: load_checkpoint(path).eval() for path in checkpoints}
+    setup = QualitySetup(
+        photos, crop=crop, crops_per_photo=crops_per_photo, short_side=short_side, upscale=False
+    )
+    try:
+        ae, space = _load_autoencoder(autoencoder)
+        errors = x0_error_by_t(setup, nets, ae, parsed_times, space=space)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(x0_table(errors))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "x0_error.json").write_text(json.dumps(errors, indent=2) + "\n")
+        typer.echo(f"wrote {out / 'x0_error.json'}")
+
+
+def _load_autoencoder(path: Path | None):
+    """(tiny-ae in eval mode, its latent space): the embedded one when `path` is None, else the
+    file's, normalised with its own recorded statistics."""
+    from pidserve.model.autoencoder import latent_space_of, load_autoencoder
+    from pidserve.model.default import load_default_autoencoder
+    from pidserve.model.latents import get_latent_space
+
+    if path is None:
+        return load_default_autoencoder(), get_latent_space("tiny-ae")
+    if not path.is_file():
+        raise _fail(f"{path} does not exist; pass a tiny-ae .safetensors (from `pidserve train autoencoder`)")
+    try:
+        ae, info = load_autoencoder(path)
+        return ae, latent_space_of(info)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 def PRESETS_NAMES() -> list[str]:
@@ -1019,16 +1097,19 @@ def data_photos(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder to write train/, holdout/, manifest.json.")
     ] = Path("data/photos"),
-    deb: Annotated[
-        Path | None, typer.Option(help="mate-backgrounds_*.deb already downloaded (else apt-get download).")
+    downloads: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with the packages already downloaded (<package>_*.deb, scikit_learn-*.whl)."
+        ),
     ] = None,
 ) -> None:
-    """Rebuild pid-tiny's photo set from Debian's mate-backgrounds and scikit-image's sample photos."""
+    """Rebuild the embedded default's photo set (Debian wallpaper packages, scikit-image, scikit-learn)."""
     from pidserve.training.photos import build_photo_set
 
     try:
-        records = build_photo_set(out, deb)
-    except (RuntimeError, OSError, ImportError) as e:
+        records = build_photo_set(out, downloads)
+    except (RuntimeError, OSError, ImportError, KeyError) as e:
         raise _fail(str(e)) from None
     held = sum(r.split == "holdout" for r in records)
     typer.echo(f"wrote {len(records)} photos ({held} held out) and manifest.json to {out}")

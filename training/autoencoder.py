@@ -9,7 +9,9 @@ they are the "tiny-ae" latent space's shift and scale (model/latents.py).
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -17,10 +19,10 @@ import torch
 from pidserve.model.autoencoder import AutoencoderConfig, TinyAutoencoder, save_autoencoder
 
 from .config import AutoencoderTrainConfig, config_dict
-from .data import CropSpec, PhotoCrops, make_loader
+from .data import CropSpec, PhotoCrops, degrade, grid_crops, make_loader
 from .distributed import all_mean, init_distributed, shutdown, wrap_model
 from .ema import EMA
-from .loop import Progress, check_finite, save_grid, set_lr, warmup_lr
+from .loop import Progress, check_finite, save_grid, scheduled_lr, set_lr
 from .state import latest_checkpoint, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,19 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
         log.info("resumed from %s (step %d)", ckpt, step)
     model = wrap_model(ae, info, cfg.strategy)
 
-    spec = CropSpec(cfg.crop, cfg.sr_scale, cfg.short_side, caption_dropout=0.0)
+    spec = CropSpec(cfg.crop, cfg.sr_scale, cfg.short_side, upscale=cfg.upscale, caption_dropout=0.0)
     dataset = PhotoCrops(cfg.data, spec, cfg.seed)
     batches = make_loader(dataset, cfg.batch, step, info.rank, info.world_size, cfg.workers)
     progress = Progress(run_dir, step, cfg.steps, cfg.batch, info.is_main)
+    holdout = None
+    if cfg.holdout and cfg.eval_every > 0 and info.is_main:
+        hr = grid_crops(cfg.holdout, cfg.crop, cfg.eval_crops_per_photo, cfg.short_side, cfg.upscale)
+        holdout = degrade(hr, cfg.sr_scale)
     while step < cfg.steps:
         batch = next(batches)
         image = batch["lr"].to(info.device)
         step += 1
-        set_lr(opt, warmup_lr(step, cfg.lr, cfg.warmup))
+        set_lr(opt, scheduled_lr(step, cfg.lr, cfg))
         loss, metrics, recon = autoencoder_loss(model, image, cfg)
         check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
@@ -76,9 +82,14 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
         progress.update(step, metrics, log=step % cfg.log_every == 0)
         if info.is_main and step % cfg.sample_every == 0:
             save_grid(run_dir / "samples" / f"step_{step:07d}.png", [image[:8], recon[:8].detach()])
+        if holdout is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            record = {"step": step, "images": step * cfg.batch, "time": time.time()}
+            record["psnr"] = holdout_psnr(ae, ema, holdout, info.device)
+            with open(run_dir / "holdout.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         if info.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
             save_training_state(
-                run_dir, step, {"ae": ae}, {"ae": opt}, {"ae": ema}, {"config": config_dict(cfg)}
+                run_dir, step, {"ae": ae}, {"ae": (ae, opt)}, {"ae": ema}, {"config": config_dict(cfg)}
             )
     progress.close()
 
@@ -91,6 +102,20 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
         log.info("wrote %s (latent mean %.4f, std %.4f)", final, stats["mean"], stats["std"])
     shutdown(info)
     return final
+
+
+@torch.no_grad()
+def holdout_psnr(ae: TinyAutoencoder, ema: EMA, images: torch.Tensor, device: torch.device) -> float:
+    """Mean PSNR (dB, peak 1) of the EMA weights reconstructing `images` [N, 3, H, W] in [-1, 1]."""
+    probe = TinyAutoencoder(ae.cfg).to(device).eval()
+    ema.copy_to(probe, ema.full_state())
+    values = []
+    for start in range(0, len(images), 16):
+        chunk = images[start : start + 16].to(device)
+        recon = probe(chunk).clamp(-1, 1)
+        mse = ((recon - chunk) / 2).pow(2).mean(dim=(1, 2, 3)).double()
+        values.append(10 * torch.log10(1.0 / mse))
+    return float(torch.cat(values).mean())
 
 
 @torch.no_grad()

@@ -26,6 +26,9 @@ class CommonConfig:
     crop: int = 256  # high-resolution crop side (the decoder's output size)
     crop_cycle: list[int] = field(default_factory=list)  # e.g. [128, 128, 128, 256]: size per step, cycled
     short_side: int = 640  # photos are resized once so that their short side is this
+    # False: photos smaller than short_side keep their size (enlarging them would teach soft
+    # detail); only those smaller than the largest crop are enlarged to it.
+    upscale: bool = True
     workers: int = 1  # DataLoader worker processes per training process
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -34,6 +37,8 @@ class CommonConfig:
     save_every: int = 200
     sample_every: int = 200
     warmup: int = 100
+    lr_schedule: str = "constant"  # constant | cosine (decays to lr * lr_min_ratio at the last step)
+    lr_min_ratio: float = 0.05
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     ema: str = "power"  # power | plain
@@ -49,6 +54,11 @@ class AutoencoderTrainConfig(CommonConfig):
     fft_weight: float = 0.1  # L1 on FFT magnitudes: keeps the decoder from blurring
     widths: list[int] = field(default_factory=lambda: [32, 64, 96, 128])
     latent_channels: int = 16
+    # Held-out photo folder: every `eval_every` steps the EMA weights reconstruct its fixed grid
+    # crops (low-res, as trained) and the PSNR goes to <run_dir>/holdout.jsonl (0: never).
+    holdout: str = ""
+    eval_every: int = 0
+    eval_crops_per_photo: int = 6
 
 
 @dataclass
@@ -60,6 +70,15 @@ class TeacherTrainConfig(CommonConfig):
     logit_std: float = 1.0
     shift: float = 6.0  # time shift at base_size; scaled with the output side (resolution-dependent)
     shift_base_size: int = 2048
+    # Time mixture (0, 0 = the official logit-normal only): a fraction `t_uniform` of the samples
+    # take t ~ U[0, 1) and a fraction `t_high` take t ~ U[t_high_min, 1), where every sampler
+    # starts (t_high = 1, t_high_min = 0.999 trains a pure latent -> image regression).
+    t_uniform: float = 0.0
+    t_high: float = 0.0
+    t_high_min: float = 0.95
+    # Pixel position table origin drawn per step in [0, position_jitter) px on each axis (0: the
+    # official fixed origin). Makes positions beyond the training crops look familiar.
+    position_jitter: int = 0
     noise_prob: float = 0.75  # official latent noise augmentation
     noise_max_sigma: float = 0.8
     latent_dropout: float = 0.1
@@ -88,6 +107,7 @@ class DistillTrainConfig(CommonConfig):
     # Not in DMD2: an MSE pull of the student's x0 towards the real image (a decoder has paired
     # data). 0 = pure DMD2 + GAN. Useful when the teacher is weak (short CPU runs).
     regression_weight: float = 0.0
+    position_jitter: int = 0  # as in the teacher config: pixel position table origin per step
     dmd_t_min: float = 0.02  # diffusion times at which the score difference is measured
     dmd_t_max: float = 0.98
     gan_block: int = 0  # number of teacher patch blocks whose output feeds the GAN head (0: half of them)

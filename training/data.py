@@ -35,6 +35,7 @@ class CropSpec:
     size: int  # side of the high-resolution crop (the decoder's output size)
     scale: int  # super-resolution factor: lr side = size / scale
     short_side: int | None = 640  # photos are resized once so their short side is this (None: keep)
+    upscale: bool = True  # False: only photos larger than short_side are resized (see load_photo)
     flip: bool = True
     caption_dropout: float = 0.1  # probability the caption is replaced by "" (official: 0.1)
     # Multi-resolution training: step k uses cycle[k % len(cycle)] (all samples of a step share a
@@ -62,6 +63,7 @@ def crop_spec(cfg, scale: int, step_samples: int) -> CropSpec:
         cfg.crop,
         scale,
         cfg.short_side,
+        upscale=cfg.upscale,
         caption_dropout=getattr(cfg, "caption_dropout", 0.0),
         cycle=tuple(cfg.crop_cycle),
         step_samples=step_samples,
@@ -95,12 +97,19 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_photo(path: Path, short_side: int | None, min_side: int) -> torch.Tensor:
-    """uint8 [3, H, W] RGB, resized (Lanczos, once) so the short side is `short_side`."""
+def load_photo(path: Path, short_side: int | None, min_side: int, upscale: bool = True) -> torch.Tensor:
+    """uint8 [3, H, W] RGB, resized (Lanczos, once) so the short side is `short_side`.
+
+    upscale=False: a photo whose short side is below `short_side` keeps its size, unless it is
+    below `min_side` (the largest crop), where it is enlarged to exactly that.
+    """
     with Image.open(path) as im:
         im = im.convert("RGB")
-        if short_side is not None:
-            factor = short_side / min(im.size)
+        target = short_side
+        if target is not None and not upscale:
+            target = max(min(target, min(im.size)), min_side)
+        if target is not None and target != min(im.size):
+            factor = target / min(im.size)
             im = im.resize(
                 (max(1, round(im.width * factor)), max(1, round(im.height * factor))), Image.LANCZOS
             )
@@ -110,6 +119,26 @@ def load_photo(path: Path, short_side: int | None, min_side: int) -> torch.Tenso
             f"{path} is {array.shape[1]}x{array.shape[0]}, smaller than the crop size {min_side}"
         )
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def grid_crops(
+    folder: str | Path, size: int, per_photo: int, short_side: int | None = 640, upscale: bool = True
+) -> torch.Tensor:
+    """Crops [N, 3, size, size] in [-1, 1] on a fixed grid (two rows) of every photo in `folder`.
+
+    Deterministic: the held-out evaluation set of the trainers and of `pidserve bench quality`.
+    """
+    crops = []
+    for path in list_images(folder):
+        photo = load_photo(path, short_side, size, upscale)
+        _, height, width = photo.shape
+        per_row = max(1, per_photo // 2)
+        for i in range(per_photo):
+            row, col = divmod(i, per_row)
+            top = (height - size) * row // max(1, (per_photo - 1) // per_row)
+            left = (width - size) * col // max(1, per_row - 1)
+            crops.append(photo[:, top : top + size, left : left + size])
+    return torch.stack(crops).float().div(127.5).sub(1.0)
 
 
 class PhotoCrops(Dataset):
@@ -124,7 +153,8 @@ class PhotoCrops(Dataset):
     def __init__(self, folder: str | Path, spec: CropSpec, seed: int = 0) -> None:
         self.spec, self.seed = spec, seed
         self.files = list_images(folder)
-        self.photos = [load_photo(p, spec.short_side, max((spec.size, *spec.cycle))) for p in self.files]
+        min_side = max((spec.size, *spec.cycle))
+        self.photos = [load_photo(p, spec.short_side, min_side, spec.upscale) for p in self.files]
         self.captions = [_caption(p) for p in self.files]
         # Pick photos in proportion to their area: every region of the data is equally likely.
         areas = torch.tensor([p.shape[1] * p.shape[2] for p in self.photos], dtype=torch.float64)

@@ -47,14 +47,15 @@ from .data import (
 )
 from .distributed import DistInfo, all_mean, average_gradients, clip_gradients, init_distributed, shutdown
 from .ema import EMA
-from .inputs import FrozenEncoder, LatentInputs, latent_inputs
-from .loop import Progress, check_finite, save_grid, set_lr, warmup_lr
+from .inputs import FrozenEncoder, LatentInputs, latent_inputs, pixel_origin
+from .loop import Progress, check_finite, save_grid, scheduled_lr, set_lr
 from .state import latest_checkpoint, load_training_state, save_training_state
 from .teacher import autocast_for
 
 log = logging.getLogger(__name__)
 
 SALT_ROLLOUT, SALT_DMD_T, SALT_DMD_EPS, SALT_REAL_EPS, SALT_R1 = 0x81, 0x82, 0x83, 0x84, 0x85
+SALT_ORIGIN = 0x86
 
 
 class GanHead(nn.Module):
@@ -126,14 +127,15 @@ class Distiller:
     def fake_loss(self, hr: torch.Tensor, inputs: LatentInputs, seeds: torch.Tensor, k: int) -> tuple:
         cfg = self.cfg
         size = tuple(hr.shape[-2:])
-        s_cond = self.student.condition(inputs.latent, inputs.sigma, image_size=size)
+        origin = pixel_origin(seeds, cfg.position_jitter, SALT_ORIGIN)
+        s_cond = self.student.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
         x0_gen = self.rollout(inputs, hr, seeds, k, s_cond, grad=False).detach()
         x_t, t, eps = self.noised(x0_gen, seeds, SALT_DMD_T, SALT_DMD_EPS)
-        f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size)
+        f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
         v_fake = self.fake.velocity(x_t, t * 1000.0, f_cond).float()
         fake_fm = F.mse_loss(v_fake, eps - x0_gen)
 
-        t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size)
+        t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
         real_eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_REAL_EPS).to(hr.device)
         t4 = t.view(-1, 1, 1, 1)
         real_t = (1 - t4) * hr + t4 * real_eps
@@ -149,15 +151,16 @@ class Distiller:
     def student_loss(self, hr: torch.Tensor, inputs: LatentInputs, seeds: torch.Tensor, k: int) -> tuple:
         cfg = self.cfg
         size = tuple(hr.shape[-2:])
-        s_cond = self.student.condition(inputs.latent, inputs.sigma, image_size=size)
+        origin = pixel_origin(seeds, cfg.position_jitter, SALT_ORIGIN)
+        s_cond = self.student.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
         x0_gen = self.rollout(inputs, hr, seeds, k, s_cond, grad=True)
         x_t, t, _ = self.noised(x0_gen, seeds, SALT_DMD_T, SALT_DMD_EPS)
-        t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size)
+        t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
         with torch.no_grad():
             x_in = x_t.detach()
             t4 = t.view(-1, 1, 1, 1)
             x0_real = x_in - t4 * self.teacher.velocity(x_in, t * 1000.0, t_cond).float()
-            f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size)
+            f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
             x0_fake = x_in - t4 * self.fake.velocity(x_in, t * 1000.0, f_cond).float()
             weight = (x0_gen.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
             grad = (x0_fake - x0_real) / weight
@@ -219,7 +222,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
                 hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
                 loss_f, m = d.fake_loss(hr, inputs, seeds, k)
                 check_finite(loss_f, step)
-                set_lr(opt_f, warmup_lr(step, cfg.fake_lr, cfg.warmup))
+                set_lr(opt_f, scheduled_lr(step, cfg.fake_lr, cfg))
                 opt_f.zero_grad(set_to_none=True)
                 loss_f.backward()
                 average_gradients(fake_params, info)
@@ -229,7 +232,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
             hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
             loss_g, m = d.student_loss(hr, inputs, seeds, k)
         check_finite(loss_g, step)
-        set_lr(opt_g, warmup_lr(step, cfg.lr, cfg.warmup))
+        set_lr(opt_g, scheduled_lr(step, cfg.lr, cfg))
         opt_g.zero_grad(set_to_none=True)
         d.fake.zero_grad(set_to_none=True)
         d.head.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pidserve.model import PiDConfig, get_latent_space
-from pidserve.model.autoencoder import TinyAutoencoder, load_autoencoder
+from pidserve.model.autoencoder import TinyAutoencoder, latent_space_of, load_autoencoder
 
 from .data import LatentNoise, per_sample_uniform
 
@@ -29,8 +29,12 @@ class FrozenEncoder:
                 "set `autoencoder` to the tiny-ae .safetensors whose latents the network decodes "
                 "(other latent spaces need their own encoder, which this trainer does not bundle)"
             )
-        self.ae: TinyAutoencoder = load_autoencoder(autoencoder_path)[0].to(device).requires_grad_(False)
+        ae, info = load_autoencoder(autoencoder_path)
+        self.ae: TinyAutoencoder = ae.to(device).requires_grad_(False)
         self.space = get_latent_space(net_cfg.latent_space)
+        if self.space.name == "tiny-ae" and "latent_stats" in info:
+            # A tiny-ae normalises with its own statistics (a new one differs from the shipped one).
+            self.space = latent_space_of(info)
         if (
             self.space.channels != self.ae.cfg.latent_channels
             or self.space.downsample != self.ae.cfg.downsample
@@ -69,3 +73,24 @@ def logit_normal_times(seeds: torch.Tensor, mean: float, std: float, shift: floa
     normal = torch.distributions.Normal(0.0, 1.0).icdf(u)
     t = torch.sigmoid(mean + std * normal)
     return shift * t / (1 + (shift - 1) * t)
+
+
+def mixed_times(
+    seeds: torch.Tensor, logit_normal: torch.Tensor, uniform: float, high: float, high_min: float, salt: int
+) -> torch.Tensor:
+    """Per-sample t from a mixture: U[0, 1) with probability `uniform`, U[high_min, 1) with
+    probability `high`, else the given logit-normal time. Draws come from the samples' seeds."""
+    if uniform < 0 or high < 0 or uniform + high > 1:
+        raise ValueError(f"t_uniform ({uniform}) and t_high ({high}) must be >= 0 and sum to at most 1")
+    pick = per_sample_uniform(seeds, salt)
+    u = per_sample_uniform(seeds, salt + 1)
+    t = torch.where(pick < uniform, u, logit_normal)
+    return torch.where((pick >= uniform) & (pick < uniform + high), high_min + (1 - high_min) * u, t)
+
+
+def pixel_origin(seeds: torch.Tensor, jitter: int, salt: int) -> tuple[int, int]:
+    """The pixel position table origin of a step: (row, column) in [0, jitter), from the first seed."""
+    if jitter <= 0:
+        return (0, 0)
+    first = seeds[:1]
+    return int(per_sample_uniform(first, salt) * jitter), int(per_sample_uniform(first, salt + 1) * jitter)

@@ -20,6 +20,25 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr * min(1.0, step / warmup_steps)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(step: int, base_lr: float, cfg) -> float:
+    """The learning rate of (1-based) `step` under a config's warmup, steps and lr_schedule.
+
+    constant: warmup, then base_lr. cosine: warmup, then a half cosine from base_lr down to
+    base_lr * lr_min_ratio at the last step (a decayed rate is what lets a short run settle).
+    """
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    lr = warmup_lr(step, base_lr, cfg.warmup)
+    if cfg.lr_schedule == "constant" or step <= cfg.warmup:
+        return lr
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    floor = base_lr * cfg.lr_min_ratio
+    return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -34,13 +34,13 @@ from .distributed import (
     wrap_model,
 )
 from .ema import EMA
-from .inputs import FrozenEncoder, latent_inputs, logit_normal_times
-from .loop import Progress, check_finite, save_grid, set_lr, warmup_lr
+from .inputs import FrozenEncoder, latent_inputs, logit_normal_times, mixed_times, pixel_origin
+from .loop import Progress, check_finite, save_grid, scheduled_lr, set_lr
 from .state import latest_checkpoint, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
 
-SALT_TIME, SALT_NOISE = 0x71, 0x72
+SALT_TIME, SALT_NOISE, SALT_MIX, SALT_ORIGIN = 0x71, 0x72, 0x73, 0x75
 
 
 def build_net_config(spec: dict) -> PiDConfig:
@@ -62,10 +62,17 @@ class FlowMatchingLoss(nn.Module):
         self.net = net
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, latent: torch.Tensor, sigma: torch.Tensor, lr: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        lr: torch.Tensor,
+        origin: tuple[int, int] = (0, 0),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         net = self.net
-        cond = net.condition(latent, sigma, None, image_size=(x_t.shape[-2], x_t.shape[-1]))
+        size = (x_t.shape[-2], x_t.shape[-1])
+        cond = net.condition(latent, sigma, None, image_size=size, pixel_origin=origin)
         v = net.velocity(x_t, t * 1000.0, cond)
         aux = None
         if net.adapter.aux_rgb_head is not None:
@@ -117,7 +124,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         step += 1
         loss, metrics = teacher_step(model, encoder, batch, noise, cfg, info)
         check_finite(loss, step)
-        set_lr(opt, warmup_lr(step, cfg.lr, cfg.warmup))
+        set_lr(opt, scheduled_lr(step, cfg.lr, cfg))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_replicated_grads(model, info)
@@ -161,12 +168,14 @@ def teacher_step(
     hr, lr, seeds = batch["hr"].to(info.device), batch["lr"].to(info.device), batch["seed"]
     inputs = latent_inputs(encoder, lr, seeds, noise)
     shift = resolution_shift(tuple(hr.shape[-2:]), cfg.shift, cfg.shift_base_size)
-    t = logit_normal_times(seeds, cfg.logit_mean, cfg.logit_std, shift, SALT_TIME).to(info.device)
+    t = logit_normal_times(seeds, cfg.logit_mean, cfg.logit_std, shift, SALT_TIME)
+    t = mixed_times(seeds, t, cfg.t_uniform, cfg.t_high, cfg.t_high_min, SALT_MIX).to(info.device)
+    origin = pixel_origin(seeds, cfg.position_jitter, SALT_ORIGIN)
     eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_NOISE).to(info.device)
     t4 = t.view(-1, 1, 1, 1)
     x_t = (1 - t4) * hr + t4 * eps
     with autocast_for(cfg.precision, info.device):
-        v, aux = model(x_t, t, inputs.latent, inputs.sigma, lr)
+        v, aux = model(x_t, t, inputs.latent, inputs.sigma, lr, origin)
     flow = F.mse_loss(v.float(), eps - hr)
     metrics = {"flow": flow.item()}
     loss = flow

@@ -12,8 +12,10 @@ from skimage.color import deltaE_ciede2000, rgb2lab
 from skimage.metrics import structural_similarity
 
 from pidserve.bench.quality import (
+    blockiness,
     ciede2000,
     colour_error,
+    colour_shift,
     evaluate,
     psnr,
     radial_log_spectrum,
@@ -125,8 +127,35 @@ def test_identical_images_score_perfectly() -> None:
     assert colour_error(img, low, 4).abs().max() < 1e-5
     assert spectral_distance(img, img).abs().max() == 0
     report = evaluate(img, img, low, 4)
-    assert set(report) == {"psnr", "ssim", "colour_error", "spectral_distance"}
+    assert set(report) == {
+        "psnr", "ssim", "colour_error", "spectral_distance", "blockiness", "colour_shift", "colour_shift_max"
+    }  # fmt: skip
     assert report["psnr"] == math.inf and report["spectral_distance"] == 0
+    assert report["colour_shift_max"] < 1e-4  # levels (float32 rounding of the low-res mean)
+
+
+def test_blockiness_finds_a_block_grid_and_not_a_photo_like_texture() -> None:
+    img = textured_images(batch=2, size=64)
+    assert (blockiness(img) - 1).abs().max() < 0.1  # no grid: steps on grid lines are like any others
+    # Per-block offsets on a 16-px grid (a patch decoder's failure): visible at period 16.
+    offsets = F.interpolate(
+        torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)), scale_factor=16
+    )
+    blocky = (0.7 * img + 0.3 * offsets).clamp(0, 1)
+    assert (blockiness(blocky) > 1.25).all()
+    assert (blockiness(blocky, periods=(16,)) == blockiness(blocky)).all()
+    with pytest.raises(ValueError, match="no 16-px grid lines"):
+        blockiness(img[:, :, :12, :12], periods=(16,))
+
+
+def test_colour_shift_is_the_largest_mean_channel_difference_in_levels() -> None:
+    img = textured_images(batch=2, size=32)
+    low = F.avg_pool2d(img, 4)
+    cast = img + torch.tensor([0.0, 0.0, 10 / 255]).view(1, 3, 1, 1)  # +10 levels of blue
+    assert torch.allclose(colour_shift(cast, low), torch.full((2,), 10.0, dtype=torch.float64), atol=1e-6)
+    assert colour_shift(img, low).max() < 1e-6
+    with pytest.raises(ValueError, match="images"):
+        colour_shift(img, low[:1])
 
 
 def test_spectral_distance_penalises_blur_not_tiny_noise() -> None:

@@ -3,6 +3,7 @@ a fixed latent to fixed pixels with a fixed seed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from pidserve.bench.quality import evaluate
 from pidserve.cli import app
 from pidserve.model import PiDConfig, get_latent_space, sample, to_uint8_hwc
 from pidserve.model.autoencoder import load_autoencoder
@@ -25,6 +27,9 @@ from pidserve.model.default import (
 from pidserve.model.latents import TINY_AE_SHIFT, TINY_AE_STD
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "default_model"
+DEFAULT_CHECKPOINT = DECODER_FILE
+_ones = torch.full((1, 3, 32, 32), 0.5)
+FIGURES = tuple(evaluate(_ones, _ones, _ones[:, :, :8, :8], 4))
 
 
 def test_the_shipped_weights_are_small_and_load():
@@ -87,10 +92,29 @@ def test_bench_quality_reports_every_metric_for_the_default(tmp_path):
     args = ["bench", "quality", "--photos", str(photos), "--out", str(out), "--crops-per-photo", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    import json
-
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"cascade", "student"}
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert set(metrics) == {"bicubic", "cascade", "student"}
     for figures in metrics.values():
-        assert set(figures) == {"psnr", "ssim", "colour_error", "spectral_distance"}
-    assert Image.open(out / "grid.png").size == (3 * 256, 3 * 256)
+        assert set(figures) == set(FIGURES)
+    assert report["ground_truth_blockiness"] > 0.5  # noise: no grid, about 1
+    # 6 columns (held-out crops: here 2, repeated), rows: input, bicubic, cascade, student, truth.
+    assert Image.open(out / "grid.png").size == (6 * 256, 5 * 256)
+
+
+def test_bench_x0_error_compares_checkpoints_at_each_time(tmp_path):
+    photos = tmp_path / "holdout"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (260, 300, 3), dtype=np.uint8)).save(photos / "p.png")
+    out = tmp_path / "x0"
+    args = ["bench", "x0-error", str(DEFAULT_CHECKPOINT), "--photos", str(photos), "--crops-per-photo", "2"]
+    result = CliRunner().invoke(app, [*args, "--times", "0.999,0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    errors = json.loads((out / "x0_error.json").read_text())
+    per_t = errors[DEFAULT_CHECKPOINT.name]
+    assert set(per_t) == {"0.999", "0.5"}
+    # At t = 0.5 half the image is in the input: the x0 error is far below the pure-noise one.
+    assert 0 < per_t["0.5"] < per_t["0.999"]
+    bad = CliRunner().invoke(app, [*args, "--times", "0.9,2"])
+    assert bad.exit_code == 2 and "(0, 1]" in bad.output

@@ -142,3 +142,12 @@ def test_wrong_latent_channels_name_the_space(net: PiDNet) -> None:
 
     with pytest.raises(LatentError, match=r"'flux1' latents of shape \[B, 16, h, w\]; got \[1, 4, 2, 2\]"):
         sample(net, torch.randn(1, 4, 2, 2), 0.0)
+
+
+def test_a_shifted_pixel_position_table_is_a_window_of_a_larger_one():
+    from pidserve.model.layers import pixel_position_table
+
+    large = pixel_position_table(96, 128, 8)
+    window = pixel_position_table(32, 48, 8, origin=(40, 70))
+    assert torch.allclose(window, large[40:72, 70:118], atol=1e-12)
+    assert torch.equal(pixel_position_table(32, 48, 8, origin=(0, 0)), pixel_position_table(32, 48, 8))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -77,3 +79,70 @@ def test_worker_processes_give_the_same_batches(photo_dir):
     for _ in range(3):
         a, b = next(inline), next(workers)
         assert torch.equal(a["hr"], b["hr"]) and torch.equal(a["seed"], b["seed"])
+
+
+def test_photos_are_never_enlarged_unless_smaller_than_the_largest_crop(tmp_path):
+    from PIL import Image
+
+    from pidserve.training.data import load_photo
+
+    path = tmp_path / "small.png"
+    Image.new("RGB", (120, 90), (10, 20, 30)).save(path)
+    assert load_photo(path, 640, 64).shape == (3, 640, 853)  # v1: enlarged to the short side
+    assert load_photo(path, 640, 64, upscale=False).shape == (3, 90, 120)  # v2: kept
+    assert load_photo(path, 60, 32, upscale=False).shape == (3, 60, 80)  # larger photos still reduced
+    assert load_photo(path, 640, 128, upscale=False).shape == (3, 128, 171)  # below the crop: to it
+
+
+def test_grid_crops_are_a_fixed_set(photo_dir):
+    from pidserve.training.data import grid_crops
+
+    crops = grid_crops(photo_dir, 32, per_photo=4, short_side=64)
+    assert crops.shape == (6 * 4, 3, 32, 32)
+    assert torch.equal(crops, grid_crops(photo_dir, 32, per_photo=4, short_side=64))
+    assert float(crops.min()) >= -1 and float(crops.max()) <= 1
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from types import SimpleNamespace
+
+    from pidserve.training.loop import scheduled_lr
+
+    cfg = SimpleNamespace(lr_schedule="cosine", lr_min_ratio=0.1, warmup=10, steps=110)
+    lrs = [scheduled_lr(step, 1.0, cfg) for step in range(1, 111)]
+    assert lrs[4] == pytest.approx(0.5) and lrs[9] == pytest.approx(1.0)
+    assert lrs[59] == pytest.approx(0.55, abs=0.01)  # half way: the mean of top and floor
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    constant = SimpleNamespace(lr_schedule="constant", lr_min_ratio=0.1, warmup=10, steps=110)
+    assert scheduled_lr(100, 1.0, constant) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scheduled_lr(1, 1.0, SimpleNamespace(lr_schedule="linear", warmup=0, steps=1))
+
+
+def test_time_mixture_covers_the_sampler_start_and_keeps_the_official_default():
+    from pidserve.training.inputs import logit_normal_times, mixed_times
+
+    seeds = torch.tensor([sample_seed(0, i) for i in range(4000)])
+    base = logit_normal_times(seeds, 0.0, 1.0, 3.0, salt=1)
+    assert torch.equal(mixed_times(seeds, base, 0.0, 0.0, 0.95, salt=2), base)
+    mixed = mixed_times(seeds, base, 0.3, 0.2, 0.95, salt=2)
+    # P(t >= 0.95) = 0.2 (the high part) + 0.3 * 0.05 (uniform) + 0.5 * P(logit-normal t >= 0.95)
+    expected = 0.2 + 0.3 * 0.05 + 0.5 * float((base >= 0.95).float().mean())
+    assert abs(float((mixed >= 0.95).float().mean()) - expected) < 0.03
+    assert float((mixed < 0.2).float().mean()) > 0.3 * 0.2 * 0.9  # the uniform part reaches low t
+    regression = mixed_times(seeds, base, 0.0, 1.0, 0.999, salt=2)
+    assert float(regression.min()) >= 0.999 and float(regression.max()) < 1.0
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        mixed_times(seeds, base, 0.7, 0.5, 0.95, salt=2)
+
+
+def test_pixel_origin_is_fixed_by_the_step_and_zero_without_jitter():
+    from pidserve.training.inputs import pixel_origin
+
+    seeds = torch.tensor([sample_seed(0, i) for i in range(8)])
+    assert pixel_origin(seeds, 0, salt=5) == (0, 0)
+    origin = pixel_origin(seeds, 640, salt=5)
+    assert origin == pixel_origin(seeds[:1], 640, salt=5) and all(0 <= o < 640 for o in origin)
+    others = {pixel_origin(torch.tensor([sample_seed(0, i)]), 640, salt=5) for i in range(50)}
+    assert len(others) > 40
