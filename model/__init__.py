@@ -5,9 +5,11 @@ Public API (other folders use exactly these names):
     sample, sample_teacher, to_uint8_hwc, get_latent_space, LatentSpace, LatentError
 """
 
-from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint
 from .config import PiDConfig
-from .latents import LatentError, LatentSpace, get_latent_space
+from .errors import CheckpointError, LatentError
+from .latents import LatentSpace, get_latent_space
+from .loading import load_decoder
 from .network import Conditioning, PiDNet
 from .sampler import sample, sample_teacher, to_uint8_hwc
 
@@ -20,6 +22,7 @@ __all__ = [
     "PiDNet",
     "get_latent_space",
     "load_checkpoint",
+    "load_decoder",
     "sample",
     "sample_teacher",
     "save_checkpoint",

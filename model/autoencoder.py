@@ -8,7 +8,7 @@ instead, which keeps the latent space smooth for a decoder that also sees noisy 
     raw latent                      --decode-->  image [B, 3, H, W] in [-1, 1] (not clamped)
 
 The registered latent space "tiny-ae" normalises raw latents with a scale and shift measured
-on the training photos (model/latents.py), like FLUX.1's 0.3611 / 0.1159.
+on the training photos (model/latents/builtin.py), like FLUX.1's 0.3611 / 0.1159.
 """
 
 from __future__ import annotations

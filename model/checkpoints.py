@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PiDConfig
+from .errors import CheckpointError
 from .network import PiDNet
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,6 @@ def official_to_ours(name: str) -> str:
     for pattern, repl in _COMPILED:
         name = pattern.sub(repl, name)
     return name
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the requested network; the message says why."""
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Small building blocks of the PiD network: norms, embeddings, rotary tables, attention, MLPs.
+"""Small building blocks of the PiD network: norms, MLPs, embeddings, position tables, attention.
+
+    modules        RMSNorm, SwiGLU, GeluMLP, TimestepEmbedder; modulate (adaLN), attention
+    rotary tables  rope_angles_2d / rope_angles_1d (angles), apply_rope (rotation), grid_rope and
+                   joint_rope (the cos / sin tables PiDNet.condition builds once per decode)
+    pixel table    pixel_position_table (sin-cos over pixel coordinates), pixel_position_tokens
+    patch layout   to_patches, to_patch_pixels, from_patch_pixels
 
 Numerics follow the official PiD network (see docs/architecture.md): RMSNorm normalises in
 float32 and casts back before the weight multiply; rotary embeddings rotate in float32;
@@ -13,9 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ntk_theta
+
 # RoPE positions over the patch grid are normalised to [0, ROPE_POSITION_RANGE] on each axis,
 # whatever the grid size (both ends included), as in the official network.
 ROPE_POSITION_RANGE = 16.0
+# The patch grid's 2D RoPE base before its NTK-aware rescaling to the grid size (ntk_theta).
+GRID_ROPE_BASE = 10000.0
+
+RopeTable = tuple[torch.Tensor, torch.Tensor]  # cos, sin: float32 [N, 1, head_dim / 2]
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +95,14 @@ class TimestepEmbedder(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x * (1 + scale) + shift."""
     return x * (1 + scale) + shift
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention on [B, N, heads, d] tensors (no mask), returned as [B, Nq, heads * d]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
 
 
 # ---- rotary position embeddings -------------------------------------------------------------
@@ -124,6 +143,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).to(x.dtype)
 
 
+def grid_rope_angles(
+    grid: tuple[int, int], head_dim: int, ref_grid: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """2D RoPE angles [grid_h * grid_w, head_dim / 2] over a patch grid, NTK-rescaled per axis.
+
+    ref_grid: the patch grid the network was trained at (rope_ref_size / patch_size); each axis's
+    base grows with grid / ref_grid (ntk_theta), the positions stay in [0, ROPE_POSITION_RANGE].
+    """
+    theta_h = ntk_theta(GRID_ROPE_BASE, grid[0], ref_grid[0], head_dim // 2)
+    theta_w = ntk_theta(GRID_ROPE_BASE, grid[1], ref_grid[1], head_dim // 2)
+    return rope_angles_2d(grid[0], grid[1], head_dim, theta_h, theta_w, device)
+
+
+def rope_table(angles: torch.Tensor) -> RopeTable:
+    """Angles [N, d/2] -> (cos, sin) [N, 1, d/2], the form apply_rope broadcasts over heads."""
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def grid_rope(
+    grid: tuple[int, int], head_dim: int, ref_grid: tuple[int, int], device: torch.device
+) -> RopeTable:
+    """The patch grid's RoPE table [grid_h * grid_w, 1, head_dim / 2] (the pixel blocks' attention)."""
+    return rope_table(grid_rope_angles(grid, head_dim, ref_grid, device))
+
+
+def joint_rope(
+    grid: tuple[int, int],
+    text_len: int,
+    head_dim: int,
+    ref_grid: tuple[int, int],
+    text_theta: float,
+    device: torch.device,
+) -> RopeTable:
+    """The joint attention's RoPE table [text_len + L, 1, head_dim / 2]: 1D text positions, then the grid."""
+    text_angles = rope_angles_1d(text_len, head_dim, text_theta, device)
+    return rope_table(torch.cat([text_angles, grid_rope_angles(grid, head_dim, ref_grid, device)]))
+
+
+# ---- pixel position table ------------------------------------------------------------------
 def pixel_position_table(
     height: int,
     width: int,
@@ -155,7 +213,37 @@ def pixel_position_table(
     return torch.cat([cols, rows], dim=-1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention on [B, N, heads, d] tensors (no mask), returned as [B, Nq, heads * d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
+def pixel_position_tokens(
+    height: int,
+    width: int,
+    dim: int,
+    patch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    origin: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """The pixel position table laid out as per-patch pixel tokens [L, P*P, dim] (see to_patch_pixels)."""
+    table = pixel_position_table(height, width, dim, device, dtype, origin)
+    return to_patch_pixels(table.permute(2, 0, 1)[None], patch)[0]
+
+
+# ---- patch layout ------------------------------------------------------------------------------
+def to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, C*P*P], features ordered (channel, row-in-patch, col-in-patch)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def to_patch_pixels(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, P*P, C]: each patch's pixels (row-major in the patch) as tokens."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch, c)
+
+
+def from_patch_pixels(x: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """Inverse of to_patch_pixels: [B, L, P*P, C] -> [B, C, H, W]."""
+    b, c = x.shape[0], x.shape[-1]
+    x = x.reshape(b, height // patch, width // patch, patch, patch, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, height, width)

@@ -1,4 +1,4 @@
-"""PiDNet: the PiD pixel diffusion decoder network.
+"""PiDNet: the PiD pixel diffusion decoder network, and the transformer blocks it is made of.
 
     latent, sigma, text  --condition()-->  Conditioning  (once per decode)
     x_t, t, Conditioning --velocity()-->   v             (once per sampler step)
@@ -7,9 +7,11 @@ Per step: x_t is cut into 16x16 patches -> 14 dual-stream patch blocks (joint at
 the text stream; a sigma-aware gate injects adapter features before every 2nd block) -> one
 conditioning vector per patch -> per-pixel tokens of x_t run 2 pixel blocks modulated per
 pixel by that vector -> RGB velocity. Flow convention: x_t = (1 - t) x0 + t noise, v = noise - x0.
+PiDNet's docstring has the shape of every input, stream and output.
 
-Tensors: x_t [B, 3, H, W] pixels in [-1, 1] (plus noise); t_scaled [B] = t * 1000;
-latent [B, C, h, w] normalised latent; sigma [B] in [0, 1]; text [B, Lt, text_dim] or None.
+Parameter names are the checkpoint format (checkpoints.py maps the official names onto them), so
+they stay as they are: in the patch blocks, `_x` / `_img` is the image stream and `_y` / `_txt`
+the text stream.
 """
 
 from __future__ import annotations
@@ -21,20 +23,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import LatentAdapter, SigmaGate
-from .config import PiDConfig, ntk_theta
-from .latents import LatentError
+from .config import PiDConfig
+from .errors import LatentError
 from .layers import (
     GeluMLP,
     RMSNorm,
+    RopeTable,
     SwiGLU,
     TimestepEmbedder,
     apply_rope,
     attention,
+    from_patch_pixels,
+    grid_rope,
+    joint_rope,
     modulate,
-    pixel_position_table,
-    rope_angles_1d,
-    rope_angles_2d,
+    pixel_position_tokens,
+    to_patch_pixels,
+    to_patches,
 )
+
+__all__ = ["Conditioning", "PiDNet", "from_patch_pixels", "to_patch_pixels", "to_patches"]
 
 
 @dataclass
@@ -44,9 +52,9 @@ class Conditioning:
     gate_features: list[torch.Tensor]  # one [B, L, D] per gate
     pixel_feature: torch.Tensor | None  # [B, L, D] for the v1.5 pixel gate
     sigma: torch.Tensor  # [B] float32
-    text: torch.Tensor  # [B, Lt, D] embedded text (Lt may be 0)
-    joint_rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [Lt + L, 1, head_dim/2]: text then image
-    pixel_rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [L, 1, pixel_head_dim/2]
+    text: torch.Tensor  # [B, Lt, D] embedded text tokens (Lt may be 0)
+    joint_rope: RopeTable  # cos, sin [Lt + L, 1, head_dim/2]: text then image
+    pixel_rope: RopeTable  # cos, sin [L, 1, pixel_head_dim/2]
     pixel_positions: torch.Tensor  # [L, P*P, pixel_hidden] in the working dtype
     image_size: tuple[int, int]  # (H, W)
 
@@ -66,18 +74,18 @@ class JointAttention(nn.Module):
         self.proj_y = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_out: bool
+        self, image: torch.Tensor, text: torch.Tensor, rope: RopeTable, text_out: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, L, D] image, y [B, Lt, D] text -> (image out, text out or None if not wanted)."""
-        text_len = y.shape[1]
+        """image [B, L, D], text [B, Lt, D] -> (image out [B, L, D], text out [B, Lt, D] or None)."""
+        text_len = text.shape[1]
         # Explicit sizes (no -1): the text stream may have 0 tokens, where -1 is ambiguous.
         split = (3, self.heads, self.head_dim)
-        qx, kx, vx = self.qkv_x(x).unflatten(-1, split).unbind(2)
-        qy, ky, vy = self.qkv_y(y).unflatten(-1, split).unbind(2)
+        q_img, k_img, v_img = self.qkv_x(image).unflatten(-1, split).unbind(2)  # [B, L, heads, d]
+        q_txt, k_txt, v_txt = self.qkv_y(text).unflatten(-1, split).unbind(2)  # [B, Lt, heads, d]
         cos, sin = rope
-        q = apply_rope(torch.cat([self.q_norm_y(qy), self.q_norm_x(qx)], dim=1), cos, sin)
-        k = apply_rope(torch.cat([self.k_norm_y(ky), self.k_norm_x(kx)], dim=1), cos, sin)
-        v = torch.cat([vy, vx], dim=1)
+        q = apply_rope(torch.cat([self.q_norm_y(q_txt), self.q_norm_x(q_img)], dim=1), cos, sin)
+        k = apply_rope(torch.cat([self.k_norm_y(k_txt), self.k_norm_x(k_img)], dim=1), cos, sin)
+        v = torch.cat([v_txt, v_img], dim=1)  # [B, Lt + L, heads, d]
         if not text_out:  # the last block's text output is discarded: only image queries matter
             return self.proj_x(attention(q[:, text_len:], k, v)), None
         out = attention(q, k, v)
@@ -85,7 +93,7 @@ class JointAttention(nn.Module):
 
 
 class PatchBlock(nn.Module):
-    """Dual-stream (image, text) transformer block with adaLN modulation from c = SiLU(t_emb)."""
+    """Dual-stream (image, text) transformer block, adaLN-modulated by time_cond = SiLU(t_emb)."""
 
     def __init__(self, cfg: PiDConfig) -> None:
         super().__init__()
@@ -100,27 +108,35 @@ class PatchBlock(nn.Module):
 
     def forward(
         self,
-        s: torch.Tensor,
-        y: torch.Tensor,
-        c: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        time_cond: torch.Tensor,
+        rope: RopeTable,
         text_out: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation_img(c).chunk(6, dim=-1)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.modulation_txt(c).chunk(6, dim=-1)
+        """image_tokens [B, L, D], text_tokens [B, Lt, D], time_cond [B, 1, D] -> both streams updated.
+
+        With text_out False (the last block) the text stream is returned unchanged.
+        """
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation_img(time_cond).chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.modulation_txt(time_cond).chunk(
+            6, dim=-1
+        )
         attn_img, attn_txt = self.attn(
-            modulate(self.norm_x1(s), shift1, scale1),
-            modulate(self.norm_y1(y), t_shift1, t_scale1),
+            modulate(self.norm_x1(image_tokens), shift1, scale1),
+            modulate(self.norm_y1(text_tokens), t_shift1, t_scale1),
             rope,
             text_out,
         )
-        s = s + gate1 * attn_img
-        s = s + gate2 * self.mlp_x(modulate(self.norm_x2(s), shift2, scale2))
+        image_tokens = image_tokens + gate1 * attn_img
+        image_tokens = image_tokens + gate2 * self.mlp_x(modulate(self.norm_x2(image_tokens), shift2, scale2))
         if attn_txt is None:
-            return s, y
-        y = y + t_gate1 * attn_txt
-        y = y + t_gate2 * self.mlp_y(modulate(self.norm_y2(y), t_shift2, t_scale2))
-        return s, y
+            return image_tokens, text_tokens
+        text_tokens = text_tokens + t_gate1 * attn_txt
+        text_tokens = text_tokens + t_gate2 * self.mlp_y(
+            modulate(self.norm_y2(text_tokens), t_shift2, t_scale2)
+        )
+        return image_tokens, text_tokens
 
 
 class PatchSelfAttention(nn.Module):
@@ -134,7 +150,8 @@ class PatchSelfAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+        """x [B, L, dim] -> [B, L, dim]."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
         cos, sin = rope
         q = apply_rope(self.q_norm(q), cos, sin)
@@ -162,19 +179,21 @@ class PixelBlock(nn.Module):
         self.modulation = nn.Linear(cfg.hidden_size, 6 * pd * pixels)
 
     def forward(
-        self, x: torch.Tensor, s_cond: torch.Tensor, batch: int, rope: tuple[torch.Tensor, torch.Tensor]
+        self, pixel_tokens: torch.Tensor, patch_cond: torch.Tensor, batch: int, rope: RopeTable
     ) -> torch.Tensor:
-        """x [B*L, P*P, pd] pixel tokens, s_cond [B*L, D] per-patch conditioning."""
-        num_patches = x.shape[0]
-        mod = self.modulation(s_cond).view(num_patches, self.pixels, 6, -1)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
-        u = modulate(self.norm1(x), shift1, scale1).reshape(batch, num_patches // batch, -1)
-        attn_out = self.expand_from_attn(self.attn(self.compress_to_attn(u), rope))
-        x = x + gate1 * attn_out.view_as(x)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        """pixel_tokens [B*L, P*P, pd], patch_cond [B*L, D] (one vector per patch) -> [B*L, P*P, pd]."""
+        num_patches = pixel_tokens.shape[0]
+        mod = self.modulation(patch_cond).view(num_patches, self.pixels, 6, -1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # each [B*L, P*P, pd]
+        attn_in = modulate(self.norm1(pixel_tokens), shift1, scale1).reshape(batch, num_patches // batch, -1)
+        attn_out = self.expand_from_attn(self.attn(self.compress_to_attn(attn_in), rope))  # [B, L, P*P*pd]
+        pixel_tokens = pixel_tokens + gate1 * attn_out.view_as(pixel_tokens)
+        return pixel_tokens + gate2 * self.mlp(modulate(self.norm2(pixel_tokens), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
+    """Pixel tokens [..., pd] -> RGB velocity [..., out_channels]: RMSNorm, then a linear map."""
+
     def __init__(self, pd: int, out_channels: int) -> None:
         super().__init__()
         self.norm = RMSNorm(pd)
@@ -185,6 +204,8 @@ class FinalLayer(nn.Module):
 
 
 class TextEmbedder(nn.Module):
+    """Text encoder states [B, Lt, text_dim] -> text tokens [B, Lt, D]: a linear map, then RMSNorm."""
+
     def __init__(self, text_dim: int, hidden: int) -> None:
         super().__init__()
         self.proj = nn.Linear(text_dim, hidden)
@@ -195,6 +216,26 @@ class TextEmbedder(nn.Module):
 
 
 class PiDNet(nn.Module):
+    """The PiD decoder: a velocity field over pixels, conditioned on a (noisy) latent and text.
+
+    `condition` runs once per decode, `velocity` once per sampler step; `forward` is both in one
+    call (the official network's signature). Sizes: B batch, C latent channels, h x w latent cells,
+    H x W output pixels (config.output_size), P patch_size, L = (H/P)(W/P) patches, Lt text tokens
+    (at most text_max_length), D hidden_size, pd pixel_hidden_size.
+
+        inputs   latent        [B, C, h, w]        normalised latent (model/latents)
+                 sigma         [B]                 its noise level in [0, 1] (or a float)
+                 text          [B, Lt, text_dim]   text encoder states, or None (no text tokens)
+                 x_t           [B, 3, H, W]        noisy pixels, (1 - t) x0 + t noise
+                 t_scaled      [B]                 t * 1000 (FM_TIMESCALE in sampler.py)
+        streams  image_tokens  [B, L, D]           one token per P x P patch, through the patch blocks
+                 text_tokens   [B, Lt, D]          embedded text, through the patch blocks
+                 time_cond     [B, 1, D]           SiLU(time embedding): the patch blocks' adaLN input
+                 patch_cond    [B*L, D]            SiLU(t_emb + image_tokens), gated: per-patch vector
+                 pixel_tokens  [B*L, P*P, pd]      one token per pixel, through the pixel blocks
+        output   velocity      [B, 3, H, W]        noise - x0, in the network's dtype
+    """
+
     def __init__(self, cfg: PiDConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -220,6 +261,18 @@ class PiDNet(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedder.weight.device
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t_scaled: torch.Tensor,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One network evaluation, official convention: velocity for x_t at t_scaled = t * 1000."""
+        cond = self.condition(latent, sigma, text, image_size=(x_t.shape[-2], x_t.shape[-1]))
+        return self.velocity(x_t, t_scaled, cond)
 
     # ---- once per decode ------------------------------------------------------------------
     def condition(
@@ -257,47 +310,18 @@ class PiDNet(nn.Module):
             text = torch.zeros(batch, 0, cfg.text_dim, device=latent.device)
         text = text[:, : cfg.text_max_length].to(self.dtype)
         text_len = text.shape[1]
-        text_tokens = self.text_embedder(text) + self.text_pos_embedding[:, :text_len]
+        text_tokens = self.text_embedder(text) + self.text_pos_embedding[:, :text_len]  # [B, Lt, D]
 
         return Conditioning(
             gate_features=gate_features,
             pixel_feature=pixel_feature,
             sigma=sigma,
             text=text_tokens,
-            joint_rope=self._joint_rope(grid, text_len, latent.device),
-            pixel_rope=self._grid_rope(grid, cfg.pixel_head_dim, latent.device),
+            joint_rope=self.joint_rope_table(grid, text_len, latent.device),
+            pixel_rope=self.pixel_rope_table(grid, latent.device),
             pixel_positions=self.pixel_position_features(height, width, latent.device, pixel_origin),
             image_size=(height, width),
         )
-
-    def _grid_rope(
-        self, grid: tuple[int, int], head_dim: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = self._grid_angles(grid, head_dim, device)
-        return angles.cos()[:, None], angles.sin()[:, None]
-
-    def _grid_angles(self, grid: tuple[int, int], head_dim: int, device: torch.device) -> torch.Tensor:
-        cfg = self.cfg
-        ref_h, ref_w = (r // cfg.patch_size for r in cfg.rope_ref_size)
-        base = 10000.0
-        theta_h = ntk_theta(base, grid[0], ref_h, head_dim // 2)
-        theta_w = ntk_theta(base, grid[1], ref_w, head_dim // 2)
-        return rope_angles_2d(grid[0], grid[1], head_dim, theta_h, theta_w, device)
-
-    def _joint_rope(
-        self, grid: tuple[int, int], text_len: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        head_dim = self.cfg.head_dim
-        text_angles = rope_angles_1d(text_len, head_dim, self.cfg.text_rope_theta, device)
-        angles = torch.cat([text_angles, self._grid_angles(grid, head_dim, device)])
-        return angles.cos()[:, None], angles.sin()[:, None]
-
-    def pixel_position_features(
-        self, height: int, width: int, device: torch.device, origin: tuple[int, int] = (0, 0)
-    ) -> torch.Tensor:
-        """The fixed pixel position table as per-patch pixel tokens [L, P*P, pixel_hidden]."""
-        table = pixel_position_table(height, width, self.cfg.pixel_hidden_size, device, self.dtype, origin)
-        return to_patch_pixels(table.permute(2, 0, 1)[None], self.cfg.patch_size)[0]
 
     # ---- once per step ----------------------------------------------------------------------
     def velocity(self, x_t: torch.Tensor, t_scaled: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -307,17 +331,17 @@ class PiDNet(nn.Module):
         if (height, width) != cond.image_size:
             raise ValueError(f"x_t is {height}x{width} but the conditioning was built for {cond.image_size}")
         x_t = x_t.to(self.dtype)
-        s, t_emb = self._patch_stream(x_t, t_scaled, cond, len(self.patch_blocks))
-        s = F.silu(t_emb + s)
+        image_tokens, time_emb = self._patch_stream(x_t, t_scaled, cond, len(self.patch_blocks))
+        patch_cond = F.silu(time_emb + image_tokens)  # [B, L, D]
         if self.pixel_gate is not None:
-            s = self.pixel_gate(s, cond.pixel_feature, cond.sigma)
+            patch_cond = self.pixel_gate(patch_cond, cond.pixel_feature, cond.sigma)
 
-        pixels = self.pixel_embedder(to_patch_pixels(x_t, cfg.patch_size))  # [B, L, P*P, pd]
-        pixels = (pixels + cond.pixel_positions).flatten(0, 1)  # [B*L, P*P, pd]
-        s_cond = s.flatten(0, 1)
+        pixel_tokens = self.pixel_embedder(to_patch_pixels(x_t, cfg.patch_size))  # [B, L, P*P, pd]
+        pixel_tokens = (pixel_tokens + cond.pixel_positions).flatten(0, 1)  # [B*L, P*P, pd]
+        patch_cond = patch_cond.flatten(0, 1)  # [B*L, D]
         for block in self.pixel_blocks:
-            pixels = block(pixels, s_cond, batch, cond.pixel_rope)
-        out = self.final_layer(pixels).unflatten(0, (batch, -1))
+            pixel_tokens = block(pixel_tokens, patch_cond, batch, cond.pixel_rope)
+        out = self.final_layer(pixel_tokens).unflatten(0, (batch, -1))  # [B, L, P*P, 3]
         return from_patch_pixels(out, height, width, cfg.patch_size)
 
     def patch_tokens(
@@ -331,53 +355,51 @@ class PiDNet(nn.Module):
     def _patch_stream(
         self, x_t: torch.Tensor, t_scaled: torch.Tensor, cond: Conditioning, depth: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch tokens after `depth` blocks, and the time embedding [B, 1, D]."""
+        """image_tokens [B, L, D] after `depth` patch blocks, and the time embedding [B, 1, D]."""
         cfg = self.cfg
         batch = x_t.shape[0]
         t_scaled = torch.as_tensor(t_scaled, dtype=torch.float32, device=x_t.device).reshape(-1).expand(batch)
-        s = self.patch_embedder(to_patches(x_t, cfg.patch_size))
-        t_emb = self.time_embedder(t_scaled)[:, None]
-        c = F.silu(t_emb)
-        y = cond.text
+        image_tokens = self.patch_embedder(to_patches(x_t, cfg.patch_size))  # [B, L, D]
+        time_emb = self.time_embedder(t_scaled)[:, None]  # [B, 1, D]
+        time_cond = F.silu(time_emb)  # [B, 1, D]
+        text_tokens = cond.text  # [B, Lt, D]
         last = len(self.patch_blocks) - 1
         for i, block in enumerate(self.patch_blocks[:depth]):
             if i % cfg.gate_interval == 0:
-                s = self.gates[i // cfg.gate_interval](
-                    s, cond.gate_features[i // cfg.gate_interval], cond.sigma
-                )
-            s, y = block(s, y, c, cond.joint_rope, text_out=i < last)
-        return s, t_emb
+                gate = i // cfg.gate_interval
+                image_tokens = self.gates[gate](image_tokens, cond.gate_features[gate], cond.sigma)
+            image_tokens, text_tokens = block(
+                image_tokens, text_tokens, time_cond, cond.joint_rope, text_out=i < last
+            )
+        return image_tokens, time_emb
 
-    def forward(
-        self,
-        x_t: torch.Tensor,
-        t_scaled: torch.Tensor,
-        latent: torch.Tensor,
-        sigma: torch.Tensor,
-        text: torch.Tensor | None = None,
+    # ---- position tables: once per output size (condition; engines bake them for static shapes) --
+    def joint_rope_table(self, grid: tuple[int, int], text_len: int, device: torch.device) -> RopeTable:
+        """cos, sin [Lt + L, 1, head_dim / 2] for the patch blocks' joint attention (layers.joint_rope)."""
+        cfg = self.cfg
+        return joint_rope(grid, text_len, cfg.head_dim, self._rope_ref_grid(), cfg.text_rope_theta, device)
+
+    def pixel_rope_table(self, grid: tuple[int, int], device: torch.device) -> RopeTable:
+        """cos, sin [L, 1, pixel_head_dim / 2] for the pixel blocks' patch attention (layers.grid_rope)."""
+        return grid_rope(grid, self.cfg.pixel_head_dim, self._rope_ref_grid(), device)
+
+    def pixel_position_features(
+        self, height: int, width: int, device: torch.device, origin: tuple[int, int] = (0, 0)
     ) -> torch.Tensor:
-        """One network evaluation, official convention: velocity for x_t at t_scaled = t * 1000."""
-        cond = self.condition(latent, sigma, text, image_size=(x_t.shape[-2], x_t.shape[-1]))
-        return self.velocity(x_t, t_scaled, cond)
+        """The fixed pixel position table as per-patch pixel tokens [L, P*P, pixel_hidden]."""
+        cfg = self.cfg
+        return pixel_position_tokens(
+            height, width, cfg.pixel_hidden_size, cfg.patch_size, device, self.dtype, origin
+        )
 
+    def _rope_ref_grid(self) -> tuple[int, int]:
+        """The patch grid of the RoPE reference size (the NTK rescaling's reference)."""
+        ref_h, ref_w = self.cfg.rope_ref_size
+        return ref_h // self.cfg.patch_size, ref_w // self.cfg.patch_size
 
-# ---- patch layout helpers ---------------------------------------------------------------------
-def to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, L, C*P*P], features ordered (channel, row-in-patch, col-in-patch)."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+    # engines/export.py still calls these two names; they go once it calls the *_table methods.
+    def _joint_rope(self, grid: tuple[int, int], text_len: int, device: torch.device) -> RopeTable:
+        return self.joint_rope_table(grid, text_len, device)
 
-
-def to_patch_pixels(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, L, P*P, C]: each patch's pixels (row-major in the patch) as tokens."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (h // patch) * (w // patch), patch * patch, c)
-
-
-def from_patch_pixels(x: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of to_patch_pixels: [B, L, P*P, C] -> [B, C, H, W]."""
-    b, c = x.shape[0], x.shape[-1]
-    x = x.reshape(b, height // patch, width // patch, patch, patch, c).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, c, height, width)
+    def _grid_rope(self, grid: tuple[int, int], head_dim: int, device: torch.device) -> RopeTable:
+        return grid_rope(grid, head_dim, self._rope_ref_grid(), device)

@@ -1,9 +1,18 @@
 """Samplers: the distilled few-step student sampler and a many-step teacher solver.
 
-Both work in the flow convention x_t = (1 - t) x0 + t * noise (t = 1: pure noise), on pixels
-[B, 3, H, W] in [-1, 1]. Every random draw comes from an explicit `torch.Generator` (or is
-passed in through `noises`), so a seed reproduces a decode bit for bit on the same backend.
-The adapter trunk and text embedding run once per decode (`PiDNet.condition`), not per step.
+    student   student_timesteps (the distilled schedule), student_steps (the rollout any backend
+              runs with its own velocity function), sample (PiDNet + student_steps)
+    flow      flow_noise, predict_x0: the convention x_t = (1 - t) x0 + t eps, v = eps - x0
+    teacher   shift_time, resolution_shift, teacher_timesteps (schedule); euler_step, heun_step,
+              cfg_velocity (pure step functions); sample_euler, sample_heun (loops over a
+              schedule, k-diffusion style); sample_teacher (PiDNet + guidance + one solver)
+    output    to_uint8_hwc
+
+Everything works in the flow convention (t = 1: pure noise) on pixels [B, 3, H, W] in [-1, 1];
+the network reads t * FM_TIMESCALE. Training uses these schedules and constants too. Every
+random draw comes from an explicit `torch.Generator` (or is passed in through `noises`), so a
+seed reproduces a decode bit for bit on the same backend. The adapter trunk and text embedding
+run once per decode (`PiDNet.condition`), not per step.
 """
 
 from __future__ import annotations
@@ -37,8 +46,11 @@ class StepRecord:
 
 
 StepCallback = Callable[[StepRecord], None]
+# velocity(x_t [B, 3, H, W], t) -> v [B, 3, H, W]; the teacher solvers pass t as a 0-d tensor.
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# ---- student ---------------------------------------------------------------------------------
 def student_timesteps(steps: int = 4) -> torch.Tensor:
     """The student's times [steps + 1] (float32), ending at 0.
 
@@ -131,7 +143,18 @@ def _noise_source(
     return lambda: torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
 
-# ---- teacher solver ----------------------------------------------------------------------------
+# ---- the flow convention, shared with training -----------------------------------------------
+def flow_noise(x0: torch.Tensor, t: float | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps; t a float, a 0-d tensor or [B, 1, 1, 1]."""
+    return (1 - t) * x0 + t * eps
+
+
+def predict_x0(x_t: torch.Tensor, t: float | torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The clean image a velocity implies: x0 = x_t - t v (v = eps - x0)."""
+    return x_t - t * v
+
+
+# ---- teacher: time schedule, step functions, guidance, solver loops ---------------------------
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Time shift t' = shift * t / (1 + (shift - 1) * t): shift > 1 spends more steps at high noise."""
     return shift * t / (1 + (shift - 1) * t)
@@ -145,6 +168,66 @@ def resolution_shift(image_size: tuple[int, int], base_shift: float, base_size: 
     """
     height, width = image_size
     return base_shift * math.sqrt(height * width) / base_size
+
+
+def teacher_timesteps(steps: int, shift: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
+    """The teacher's times [steps + 1] (float32): 1 to 0 evenly spaced, then shift_time."""
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32, device=device), shift)
+
+
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: v_uncond + scale (v_cond - v_uncond); scale 1 gives v_cond."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def euler_step(x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One Euler step of dx/dt = v from t to t_next."""
+    return x + (t_next - t) * v
+
+
+def heun_step(
+    velocity: Velocity, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """One Heun (2nd order) step: Euler, then the trapezoid of v at both ends. v = velocity(x, t).
+
+    A step ending at t_next = 0 stays Euler (no evaluation at t = 0), as in k-diffusion.
+    """
+    x_euler = euler_step(x, t, t_next, v)
+    if t_next > 0:
+        return x + (t_next - t) * 0.5 * (v + velocity(x_euler, t_next))
+    return x_euler
+
+
+def sample_euler(
+    velocity: Velocity, x: torch.Tensor, times: torch.Tensor, callback: StepCallback | None = None
+) -> torch.Tensor:
+    """Integrate from times[0] to times[-1] with Euler steps (1 evaluation per step); not clamped."""
+    for k in range(len(times) - 1):
+        t, t_next = times[k], times[k + 1]
+        v = velocity(x, t)
+        _report(callback, k, t, x, v)
+        x = euler_step(x, t, t_next, v)
+    return x
+
+
+def sample_heun(
+    velocity: Velocity, x: torch.Tensor, times: torch.Tensor, callback: StepCallback | None = None
+) -> torch.Tensor:
+    """Integrate from times[0] to times[-1] with Heun steps (2 evaluations per step, 1 for the last)."""
+    for k in range(len(times) - 1):
+        t, t_next = times[k], times[k + 1]
+        v = velocity(x, t)
+        _report(callback, k, t, x, v)
+        x = heun_step(velocity, x, t, t_next, v)
+    return x
+
+
+TEACHER_SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun}
+
+
+def _report(callback: StepCallback | None, k: int, t: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> None:
+    if callback is not None:
+        callback(StepRecord(index=k, t=float(t), x_t=x, velocity=v, x0=predict_x0(x, t, v)))
 
 
 def sample_teacher(
@@ -163,13 +246,14 @@ def sample_teacher(
 ) -> torch.Tensor:
     """Integrate the teacher's flow ODE from t = 1 (noise) to t = 0; returns [-1, 1] float32.
 
-    solver "euler" (1 evaluation per step) or "heun" (2nd order, 2 per step except the last).
-    cfg_scale > 1 uses classifier-free guidance against `negative_text` (None: no text tokens).
+    solver "euler" (1 evaluation per step) or "heun" (2nd order, 2 per step except the last), over
+    teacher_timesteps(steps, shift). cfg_scale != 1 uses classifier-free guidance against
+    `negative_text` (None: no text tokens). The initial noise is `noise`, else drawn from `generator`.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(map(repr, TEACHER_SOLVERS))}, got {solver!r}")
     sigma = torch.as_tensor(sigma)
     cond = net.condition(latent, sigma, text)
     uncond = net.condition(latent, sigma, negative_text) if cfg_scale != 1.0 else None
@@ -180,22 +264,12 @@ def sample_teacher(
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t_scaled = (t * FM_TIMESCALE).expand(batch)
         v = net.velocity(x_t, t_scaled, cond).float()
-        if uncond is not None:
-            v_uncond = net.velocity(x_t, t_scaled, uncond).float()
-            v = v_uncond + cfg_scale * (v - v_uncond)
-        return v
+        if uncond is None:
+            return v
+        return cfg_velocity(v, net.velocity(x_t, t_scaled, uncond).float(), cfg_scale)
 
-    times = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32, device=latent.device), shift)
-    for k in range(steps):
-        t_cur, t_next = times[k], times[k + 1]
-        v = velocity(x, t_cur)
-        if callback is not None:
-            callback(StepRecord(index=k, t=float(t_cur), x_t=x, velocity=v, x0=x - t_cur * v))
-        x_next = x + (t_next - t_cur) * v
-        if solver == "heun" and t_next > 0:
-            x_next = x + (t_next - t_cur) * 0.5 * (v + velocity(x_next, t_next))
-        x = x_next
-    return x.clamp(-1, 1)
+    times = teacher_timesteps(steps, shift, latent.device)
+    return TEACHER_SOLVERS[solver](velocity, x, times, callback).clamp(-1, 1)
 
 
 # ---- output conversion ---------------------------------------------------------------------------

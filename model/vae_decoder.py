@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoints import CheckpointError
+from .errors import CheckpointError
 
 
 @dataclass(frozen=True)

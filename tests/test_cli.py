@@ -86,7 +86,9 @@ def test_info_on_a_file_reports_format_dtype_and_variant(tmp_path: Path) -> None
 
 def test_info_bad_arguments() -> None:
     assert "HEIGHTxWIDTH" in runner.invoke(app, ["info", "--preset", "2k_flux", "--size", "big"]).output
-    assert "unknown preset" in runner.invoke(app, ["info", "--preset", "nope"]).output
+    assert (
+        "unknown PiD preset 'nope'; known presets:" in runner.invoke(app, ["info", "--preset", "nope"]).output
+    )
     assert "either a CHECKPOINT or --preset" in runner.invoke(app, ["info"]).output
     listing = runner.invoke(app, ["info", "--list"]).output
     assert "2kto4k_v1pt5_qwenimage" in listing and "tiny_v1" in listing

@@ -4,7 +4,7 @@ It learns the low-resolution images PiD's latents come from: high-res crop -> of
 degradation (antialiased bicubic /scale) -> encode -> decode, loss L1 + FFT-magnitude L1 +
 a small L2 on the latent (keeps its scale bounded). When training ends, the latent's
 mean and std over fresh training crops are measured and stored in the file's metadata:
-they are the "tiny-ae" latent space's shift and scale (model/latents.py).
+they are the "tiny-ae" latent space's shift and scale (model/latents/builtin.py).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from torch import nn
 
 from pidserve.model import PiDNet, load_checkpoint, sample, save_checkpoint
 from pidserve.model.network import Conditioning
-from pidserve.model.sampler import student_timesteps
+from pidserve.model.sampler import FM_TIMESCALE, flow_noise, predict_x0, student_timesteps
 
 from .config import DistillTrainConfig, config_dict
 from .data import (
@@ -96,32 +96,31 @@ class Distiller:
         t_list = self.t_list
         if self.cfg.student_mode == "teacher_forcing":
             eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_ROLLOUT + 16 * k).to(hr.device)
-            x = (1 - t_list[k]) * hr + t_list[k] * eps
+            x = flow_noise(hr, t_list[k], eps)
         elif self.cfg.student_mode == "backward_simulation":
             x = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_ROLLOUT).to(hr.device)
             with torch.no_grad():
                 for j in range(k):
-                    x0 = x - t_list[j] * self.student.velocity(x, _t(t_list[j], x), cond).float()
+                    x0 = predict_x0(x, t_list[j], self.student.velocity(x, _t(t_list[j], x), cond).float())
                     eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_ROLLOUT + 16 * (j + 1)).to(
                         hr.device
                     )
-                    x = (1 - t_list[j + 1]) * x0 + t_list[j + 1] * eps
+                    x = flow_noise(x0, t_list[j + 1], eps)
         else:
             raise ValueError(
                 f"student_mode must be teacher_forcing or backward_simulation, got {self.cfg.student_mode!r}"
             )
         with torch.set_grad_enabled(grad):
-            return x - t_list[k] * self.student.velocity(x, _t(t_list[k], x), cond).float()
+            return predict_x0(x, t_list[k], self.student.velocity(x, _t(t_list[k], x), cond).float())
 
     def noised(self, x0: torch.Tensor, seeds: torch.Tensor, salt_t: int, salt_eps: int) -> tuple:
         t = self.cfg.dmd_t_min + (self.cfg.dmd_t_max - self.cfg.dmd_t_min) * per_sample_uniform(seeds, salt_t)
         t = t.to(x0.device)
         eps = per_sample_normal(seeds, tuple(x0.shape[1:]), salt_eps).to(x0.device)
-        t4 = t.view(-1, 1, 1, 1)
-        return (1 - t4) * x0 + t4 * eps, t, eps
+        return flow_noise(x0, t.view(-1, 1, 1, 1), eps), t, eps
 
     def logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.head(self.teacher.patch_tokens(x_t, t * 1000.0, cond, self.gan_depth))
+        return self.head(self.teacher.patch_tokens(x_t, t * FM_TIMESCALE, cond, self.gan_depth))
 
     # ---- phase 1: fake score and discriminator --------------------------------------------------
     def fake_loss(self, hr: torch.Tensor, inputs: LatentInputs, seeds: torch.Tensor, k: int) -> tuple:
@@ -132,13 +131,12 @@ class Distiller:
         x0_gen = self.rollout(inputs, hr, seeds, k, s_cond, grad=False).detach()
         x_t, t, eps = self.noised(x0_gen, seeds, SALT_DMD_T, SALT_DMD_EPS)
         f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
-        v_fake = self.fake.velocity(x_t, t * 1000.0, f_cond).float()
+        v_fake = self.fake.velocity(x_t, t * FM_TIMESCALE, f_cond).float()
         fake_fm = F.mse_loss(v_fake, eps - x0_gen)
 
         t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
         real_eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_REAL_EPS).to(hr.device)
-        t4 = t.view(-1, 1, 1, 1)
-        real_t = (1 - t4) * hr + t4 * real_eps
+        real_t = flow_noise(hr, t.view(-1, 1, 1, 1), real_eps)
         logit_real = self.logits(real_t, t, t_cond)
         logit_fake = self.logits(x_t, t, t_cond)
         d_loss = F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
@@ -159,9 +157,9 @@ class Distiller:
         with torch.no_grad():
             x_in = x_t.detach()
             t4 = t.view(-1, 1, 1, 1)
-            x0_real = x_in - t4 * self.teacher.velocity(x_in, t * 1000.0, t_cond).float()
+            x0_real = predict_x0(x_in, t4, self.teacher.velocity(x_in, t * FM_TIMESCALE, t_cond).float())
             f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
-            x0_fake = x_in - t4 * self.fake.velocity(x_in, t * 1000.0, f_cond).float()
+            x0_fake = predict_x0(x_in, t4, self.fake.velocity(x_in, t * FM_TIMESCALE, f_cond).float())
             weight = (x0_gen.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
             grad = (x0_fake - x0_real) / weight
         dmd = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
@@ -273,7 +271,7 @@ def _batch(batch: dict, encoder: FrozenEncoder, noise: LatentNoise, info: DistIn
 
 
 def _t(t: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), t * 1000.0, dtype=torch.float32, device=x.device)
+    return torch.full((x.shape[0],), t * FM_TIMESCALE, dtype=torch.float32, device=x.device)
 
 
 def _copy(net: PiDNet) -> PiDNet:

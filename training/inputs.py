@@ -16,6 +16,7 @@ import torch
 
 from pidserve.model import PiDConfig, get_latent_space
 from pidserve.model.autoencoder import TinyAutoencoder, latent_space_of, load_autoencoder
+from pidserve.model.sampler import shift_time
 
 from .data import LatentNoise, per_sample_uniform
 
@@ -68,11 +69,11 @@ def latent_inputs(
 
 
 def logit_normal_times(seeds: torch.Tensor, mean: float, std: float, shift: float, salt: int) -> torch.Tensor:
-    """Per-sample t = shift(sigmoid(N(mean, std))): the official logit-normal time, then the time shift."""
+    """Per-sample t = shift_time(sigmoid(N(mean, std))): the official logit-normal time, then the
+    sampler's time shift (model/sampler.py)."""
     u = per_sample_uniform(seeds, salt).clamp(1e-6, 1 - 1e-6)
     normal = torch.distributions.Normal(0.0, 1.0).icdf(u)
-    t = torch.sigmoid(mean + std * normal)
-    return shift * t / (1 + (shift - 1) * t)
+    return shift_time(torch.sigmoid(mean + std * normal), shift)
 
 
 def mixed_times(

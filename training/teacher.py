@@ -20,7 +20,7 @@ from torch import nn
 
 from pidserve.model import PiDConfig, PiDNet, load_checkpoint, sample, sample_teacher, save_checkpoint
 from pidserve.model.network import to_patches
-from pidserve.model.sampler import resolution_shift
+from pidserve.model.sampler import FM_TIMESCALE, flow_noise, resolution_shift
 
 from .config import TeacherTrainConfig, config_dict
 from .data import LatentNoise, PhotoCrops, crop_spec, make_loader, per_sample_normal
@@ -73,7 +73,7 @@ class FlowMatchingLoss(nn.Module):
         net = self.net
         size = (x_t.shape[-2], x_t.shape[-1])
         cond = net.condition(latent, sigma, None, image_size=size, pixel_origin=origin)
-        v = net.velocity(x_t, t * 1000.0, cond)
+        v = net.velocity(x_t, t * FM_TIMESCALE, cond)
         aux = None
         if net.adapter.aux_rgb_head is not None:
             grid = (x_t.shape[-2] // net.cfg.patch_size, x_t.shape[-1] // net.cfg.patch_size)
@@ -172,8 +172,7 @@ def teacher_step(
     t = mixed_times(seeds, t, cfg.t_uniform, cfg.t_high, cfg.t_high_min, SALT_MIX).to(info.device)
     origin = pixel_origin(seeds, cfg.position_jitter, SALT_ORIGIN)
     eps = per_sample_normal(seeds, tuple(hr.shape[1:]), SALT_NOISE).to(info.device)
-    t4 = t.view(-1, 1, 1, 1)
-    x_t = (1 - t4) * hr + t4 * eps
+    x_t = flow_noise(hr, t.view(-1, 1, 1, 1), eps)
     with autocast_for(cfg.precision, info.device):
         v, aux = model(x_t, t, inputs.latent, inputs.sigma, lr, origin)
     flow = F.mse_loss(v.float(), eps - hr)

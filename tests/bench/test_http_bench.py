@@ -218,4 +218,4 @@ def test_a_preset_excludes_a_checkpoint_and_must_exist(tmp_path: Path) -> None:
     both = CliRunner().invoke(app, ["bench", "http", "--preset", "tiny_v1", "--checkpoint", "x.safetensors"])
     assert both.exit_code == 2 and "leave out --url, --checkpoint and --variant" in both.output
     unknown = CliRunner().invoke(app, ["bench", "http", "--preset", "2k_pixart", "--out", str(tmp_path)])
-    assert unknown.exit_code == 2 and "unknown preset '2k_pixart'" in unknown.output
+    assert unknown.exit_code == 2 and "unknown PiD preset '2k_pixart'" in unknown.output

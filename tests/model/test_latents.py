@@ -85,7 +85,8 @@ def test_unknown_name_lists_known_spaces():
 
 
 def test_register_new_space_and_reject_duplicates(monkeypatch):
-    monkeypatch.setattr(latents, "_REGISTRY", dict(latents._REGISTRY))  # keep the global registry clean
+    # keep the global registry clean
+    monkeypatch.setattr(latents.space, "_REGISTRY", dict(latents.space._REGISTRY))
     tiny = LatentSpace(
         name="my-test-ae",
         description="test space",
@@ -218,8 +219,8 @@ def test_scale_shift_constants(name, raw_value, z_value):
 
 def test_qwenimage_uses_per_channel_statistics():
     space = get_latent_space("qwenimage")
-    mean = torch.tensor(latents._QWENIMAGE_LATENTS_MEAN)
-    std = torch.tensor(latents._QWENIMAGE_LATENTS_STD)
+    mean = torch.tensor(latents.builtin._QWENIMAGE_LATENTS_MEAN)
+    std = torch.tensor(latents.builtin._QWENIMAGE_LATENTS_STD)
     assert mean.shape == std.shape == (16,)
     raw = (mean + std).view(1, 16, 1, 1).expand(1, 16, 2, 2)  # one standard deviation above the mean
     torch.testing.assert_close(space.normalize(raw), torch.ones(1, 16, 2, 2))

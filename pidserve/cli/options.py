@@ -1,0 +1,71 @@
+"""Options and parsers more than one command shares.
+
+    parse_size     "2048x2048" -> (2048, 2048): every command that takes an output size
+    int_list       "1,2,4" -> [1, 2, 4] (each >= 1)
+    float_list     "0.5,2" -> [0.5, 2.0]
+    load_model     a checkpoint argument ("default", ours, official + --variant) -> PiDNet
+    OutOpt, PlotsOpt, ConfigOpt, SetOpt: option annotations used by several commands
+
+Bad input is reported with `fail` (exit status 2), naming the option and the expected form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from pidserve.cli import fail
+
+if TYPE_CHECKING:
+    from pidserve.model import PiDNet
+
+# bench commands: where the report goes, and whether it gets PNG plots
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Report folder (default bench/out/<command>).")
+]
+PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib).")]
+
+# train commands: a TOML recipe and key=value overrides
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML recipe (see recipes/).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set steps=100.")]
+
+
+def parse_size(size: str, option: str = "--size") -> tuple[int, int]:
+    """HEIGHTxWIDTH -> (height, width)."""
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise fail(f"{option} must look like 2048x2048 (HEIGHTxWIDTH), got {size!r}") from None
+    return height, width
+
+
+def int_list(option: str, value: str) -> list[int]:
+    """Comma-separated integers, each >= 1."""
+    try:
+        items = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise fail(f"{option} must be comma-separated integers, got {value!r}") from None
+    if any(v < 1 for v in items):
+        raise fail(f"{option} must be >= 1, got {value!r}")
+    return items
+
+
+def float_list(option: str, value: str) -> list[float]:
+    """Comma-separated numbers."""
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise fail(f"{option} must be comma-separated numbers, got {value!r}") from None
+
+
+def load_model(checkpoint: str, variant: str | None) -> PiDNet:
+    """pidserve.model.load_decoder, its errors reported: a missing file, a file that does not fit,
+    an unknown --variant."""
+    from pidserve.model import CheckpointError, load_decoder
+
+    try:
+        return load_decoder(checkpoint, variant)
+    except (FileNotFoundError, CheckpointError, KeyError) as exc:
+        raise fail(exc) from None
