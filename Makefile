@@ -38,13 +38,18 @@ serve: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-# Rebuild the embedded default from scratch (network for the photo packages; ~1.5 h on 2 CPU cores).
-# Exactly the commands recorded in model/weights/MODEL_CARD.md.
+# Rebuild the embedded default from scratch (network for the photo packages; ~4 h on 2 CPU cores).
+# Exactly the commands recorded in model/weights/MODEL_CARD.md. tiny-ae's latent statistics go
+# into its file; after copying a new tiny-ae, set TINY_AE_SHIFT / TINY_AE_STD in
+# model/latents/builtin.py to them (tests/model/test_default.py checks that they agree).
 default-model: $(STAMP)
 	$(BIN)/pidserve data photos --out data/photos
 	$(BIN)/pidserve train autoencoder -c recipes/tiny_ae.toml
 	cp runs/tiny-ae/tiny-ae.safetensors model/weights/tiny-ae.safetensors
+	$(BIN)/pidserve train teacher -c recipes/pid_tiny_regression.toml
 	$(BIN)/pidserve train teacher -c recipes/pid_tiny_teacher.toml
+	$(BIN)/pidserve bench x0-error runs/pid-tiny-regression/teacher_ema.safetensors \
+		runs/pid-tiny-teacher/teacher_ema.safetensors --autoencoder model/weights/tiny-ae.safetensors
 	$(BIN)/pidserve train distill -c recipes/pid_tiny_distill.toml
 	cp runs/pid-tiny-distill/student.safetensors model/weights/pid-tiny.safetensors
 

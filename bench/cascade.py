@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pidserve.engines import DecodeBatch, open_engine
-from pidserve.engines.base import StageTimer
+from pidserve.engines import DecodeBatch, StageTimer, open_engine
 from pidserve.model import PiDConfig, PiDNet, sample_teacher
 from pidserve.model.latents import get_latent_space
 from pidserve.model.vae_decoder import VAE_CONFIGS, VAEDecoder, load_vae_decoder
@@ -221,7 +220,7 @@ def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
     device = torch.device(setup.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[setup.precision]
     height, width = setup.image_size
-    scale = cfg.latent_downsample * cfg.sr_scale
+    scale = cfg.output_scale
     if height % scale or width % scale:
         raise ValueError(f"output size {height}x{width} must be a multiple of {scale} for this model")
     latents = torch.randn(

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pidserve.engines import DecodeBatch, Engine, ShapeProfile, open_engine
-from pidserve.engines.attention import check_attention_backend
+from pidserve.engines import DecodeBatch, Engine, ShapeProfile, check_attention_backend, open_engine
 from pidserve.model import PiDConfig, PiDNet
 from pidserve.model.flops import decode_flops
 
@@ -65,7 +64,7 @@ class EngineTiming:
 def random_batch(
     cfg: PiDConfig, batch: int, image_size: tuple[int, int], steps: int, seed: int = 0
 ) -> DecodeBatch:
-    scale = cfg.latent_downsample * cfg.sr_scale
+    scale = cfg.output_scale
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(
         batch, cfg.latent_channels, image_size[0] // scale, image_size[1] // scale, generator=g

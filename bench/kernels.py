@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pidserve.engines.attention import RUNS_ON, SDPA_BACKENDS, attention_context
+from pidserve.engines import RUNS_ON, SDPA_BACKENDS, attention_context
 from pidserve.kernels import postprocess, postprocess_reference, triton_available
 from pidserve.model import PiDConfig
 from pidserve.model.layers import RMSNorm, modulate

@@ -22,7 +22,7 @@ graphs capture) the chosen kernel.
 PyTorch keeps these switches process-wide, not per thread: while a pinned decode runs, any other
 thread's scaled_dot_product_attention sees the pin too. So pinned decodes hold one process-wide lock
 (two never interleave their save and restore of the switches), and the server loads its text encoder
-with eager attention when the engine pins a kernel (server/service.py), so prompt encoding never calls
+with eager attention when the engine pins a kernel (server/loader.py), so prompt encoding never calls
 scaled_dot_product_attention. One pinned engine per process is the supported set-up.
 """
 

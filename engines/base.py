@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pidserve.model import MAX_STUDENT_STEPS
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -93,7 +95,7 @@ class EngineCapabilities:
     max_batch: int
     batch_sizes: tuple[int, ...] | None = None  # None: any size up to max_batch
     image_sizes: tuple[tuple[int, int], ...] | None = None  # None: any multiple of 16
-    steps: tuple[int, ...] = (1, 2, 3, 4)
+    steps: tuple[int, ...] = tuple(range(1, MAX_STUDENT_STEPS + 1))
     text_tokens: tuple[int, ...] | None = None  # None: any count (0 = no text)
 
     @property
@@ -136,6 +138,29 @@ class EngineCapabilities:
             raise EngineInputError(
                 f"{tokens} text tokens given; this engine was built for {list(self.text_tokens)}"
             )
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One static output size, with the batch sizes and text length an engine serves at it.
+
+    What an ONNX export (build/export.py) and a TensorRT engine directory are built for.
+    """
+
+    image_size: tuple[int, int]  # output (H, W) pixels
+    batch_sizes: tuple[int, ...] = (1,)
+    text_tokens: int = 0
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_sizes)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.image_size[0]}x{self.image_size[1]}_t{self.text_tokens}"
+
+    def latent_size(self, output_scale: int) -> tuple[int, int]:
+        return self.image_size[0] // output_scale, self.image_size[1] // output_scale
 
 
 class Engine(ABC):

@@ -1,6 +1,8 @@
 """Open an engine by backend name — the one place the CLI and the server choose a backend.
 
 The backend is always explicit: nothing here falls back to another backend when one fails.
+Backends are imported when opened. The one build-time step a run can take is here: the onnxruntime
+backend, given a model instead of an export directory, exports it once into a cache (build/export.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from pathlib import Path
 
 from pidserve.model import PiDNet
 
-from .base import Engine, EngineConfigError
-from .export import ShapeProfile
+from .base import Engine, EngineConfigError, ShapeProfile
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def weights_digest(net: PiDNet) -> str:
 
 def exported_for(net: PiDNet, profile: ShapeProfile, cache_dir: str | Path | None = None) -> Path:
     """The ONNX export of `net` for `profile`, exporting it into the cache on first use."""
-    from .export import export_onnx
+    from .build import export_onnx
 
     root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE / "onnx"
     target = root / weights_digest(net) / f"{profile.tag}_b{profile.max_batch}"

@@ -1,4 +1,5 @@
-"""FP8 matmuls for the PyTorch backends (`--precision fp8` on torch and torch-compile).
+"""FP8 matmuls for the PyTorch backends (`--precision fp8` on torch and torch-compile), and the FP8
+layer policy every FP8 path shares (which layers stay BF16, and why).
 
 The network runs in BF16 except its big matmuls, which run on FP8 (E4M3) tensor cores through
 `torch._scaled_mm`:
@@ -9,8 +10,19 @@ The network runs in BF16 except its big matmuls, which run on FP8 (E4M3) tensor 
     output      (x_q @ w_q.T) * scale_x * scale_w, accumulated in FP32, written in BF16; + bias
 
 Dynamic, per-row scaling needs no calibration data. That is the difference from the TensorRT FP8
-path (engines/quantize.py), whose per-tensor scales are static, calibrated by ModelOpt on latents;
-both keep the same sensitive layers in BF16 (quantize.DEFAULT_EXCLUDE). Here, in addition:
+path (engines/build/quantize.py), whose per-tensor scales are static, calibrated by ModelOpt on
+latents. Both keep the same sensitive layers in BF16 (DEFAULT_EXCLUDE, below). FP8 pays where
+matrix multiplies dominate, which in PiD are the patch blocks' attention projections and SwiGLU
+MLPs (and the pixel blocks' patch-level attention). The rest is small or sensitive:
+    patch_embedder, pixel_embedder   first layers, reading raw pixels (pixel_embedder has K = 3)
+    time_embedder, text_embedder     tiny, and they set every modulation of every block
+    adapter                          the latent trunk runs once per decode, in the condition graph
+    gates, pixel_gate                sigma-aware injection of the latent: small, and its scale
+                                     decides how much of the latent reaches the image
+    pixel_blocks.*.modulation        per-pixel shift/scale/gate (x 6 * 16 * 256 outputs): errors
+                                     here land directly on individual pixels
+    final_layer                      writes the velocity itself (16 -> 3)
+Here (TORCH_FP8_EXCLUDE), in addition:
     patch_blocks.*.modulation_*   read one conditioning vector per sample (M = batch size):
                                   nothing for FP8 tensor cores to speed up
     layers with a dimension < MIN_FEATURES, or not a multiple of 16
@@ -29,24 +41,52 @@ refuses the device with a clear message where it fails; there is no fallback to 
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .base import EngineConfigError
-from .quantize import DEFAULT_EXCLUDE, FP8_E4M3_MAX, is_excluded
+from .gpu_classes import check_precision, current_gpu
 
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # the largest E4M3 value
 MIN_FEATURES = 128
 # Matmul dimensions FP8 tensor cores (and cuBLASLt's FP8 kernels) require to be multiples of.
 FP8_ALIGNMENT = 16
 # Keeps an all-zero row's scale finite (its quantized values are then all zero, as they should be).
 _MIN_AMAX = 1e-12
 
+# ---- the FP8 layer policy ---------------------------------------------------------------------------
+# Module-name patterns (fnmatch; a pattern that names a module covers everything inside it).
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "patch_embedder",
+    "pixel_embedder",
+    "time_embedder",
+    "text_embedder",
+    "adapter",
+    "gates",
+    "pixel_gate",
+    "pixel_blocks.*.modulation",
+    "final_layer",
+)
 TORCH_FP8_EXCLUDE: tuple[str, ...] = (*DEFAULT_EXCLUDE, "patch_blocks.*.modulation_*")
 
 
+def is_excluded(module_name: str, patterns: Sequence[str]) -> bool:
+    """Whether a module, or one of the modules containing it, matches an exclusion pattern.
+
+    "adapter" excludes "adapter.trunk.0"; "pixel_blocks.*.modulation" excludes
+    "pixel_blocks.1.modulation" only.
+    """
+    parts = module_name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
+
+
+# ---- FP8 Linear layers on the torch backends --------------------------------------------------------
 class Float8Linear(nn.Module):
     """A Linear layer whose matmul runs in FP8: E4M3 weights (per output channel scales) and E4M3
     activations (per row scales, computed on each call). Input and output are BF16."""
@@ -160,8 +200,6 @@ def has_fp8_layers(net: nn.Module) -> bool:
 def check_fp8_matmul(device: torch.device) -> None:
     """Raise EngineConfigError unless row-wise FP8 matmuls run on `device` with this torch build."""
     if device.type == "cuda":
-        from .gpu_classes import check_precision, current_gpu
-
         name, capability = current_gpu(device)
         check_precision("fp8", capability, name)
     a = torch.ones(FP8_ALIGNMENT, FP8_ALIGNMENT, device=device)

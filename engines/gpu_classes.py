@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PRECISIONS, EngineConfigError
-from .export import ShapeProfile
+from .base import PRECISIONS, EngineConfigError, ShapeProfile
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,7 @@ from typing import Any
 
 from pidserve.model import PiDConfig
 
-from .base import EngineConfigError
-from .export import ShapeProfile
+from .base import EngineConfigError, ShapeProfile
 from .gpu_classes import (
     ComputeCapability,
     format_compute_capability,

@@ -24,10 +24,10 @@ from .base import (
     Engine,
     EngineCapabilities,
     EngineConfigError,
+    ShapeProfile,
     StageTimer,
     seeded_noises,
 )
-from .export import ShapeProfile
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class OnnxRuntimeEngine(Engine):
             latent_channels=cfg.latent_channels,
             latent_space=cfg.latent_space,
             text_dim=cfg.text_dim,
-            output_scale=cfg.latent_downsample * cfg.sr_scale,
+            output_scale=cfg.output_scale,
             max_batch=self.profile.max_batch,
             image_sizes=(self.profile.image_size,),
             text_tokens=(self.profile.text_tokens,),

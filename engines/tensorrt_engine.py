@@ -1,16 +1,20 @@
 """TensorRTEngine: decode with the two TensorRT plans of an engine directory, replayed as CUDA graphs.
 
-    engine_dir (manifest.json, condition.plan, step.plan)
-        manifest checked against this GPU and TensorRT  -> EngineConfigError with the rebuild command
-        plans deserialized; one execution context per graph and served batch size
-        static device buffers, shared by every batch size (views of one flat buffer per tensor)
+Its lifecycle, one method each, in this order:
+
+    check    manifest.json against this GPU and TensorRT  -> EngineConfigError with the rebuild command
+    load     both plans deserialized, one scratch ("device memory") buffer for both
+    bind     static device buffers, shared by every batch size (views of one flat buffer per tensor);
+             one execution context per graph and served batch size, bound to them
+    capture  (warmup) the 4-step decode of every built batch size captured as a CUDA graph
+             (cuda_graphs.GraphCapture, the helper torch-compile captures with too)
 
 One decode of n samples, served at the smallest built batch size B >= n (rows n..B-1 are padding
 whose results are dropped):
 
     H2D: latents, sigmas (and text) -> the static input buffers          one copy each
     noise: per-sample seeded draws (base.seeded_noises) -> the static noise buffer
-    graph replay (captured once per (B, steps) at warmup):
+    graph replay (captured once per (B, steps)):
         condition plan: latent (+ text) -> gate_features, pixel_feature, text_tokens
         model.sampler.student_steps, whose velocity function copies x_t and t_scaled into the
             step plan's input buffers and runs the step plan (the sampler arithmetic is the one
@@ -18,23 +22,23 @@ whose results are dropped):
         kernels.postprocess -> the static uint8 [B, H, W, 3] buffer
     D2H: the first n images -> pinned host memory                       one copy
 
-The decode logic (`StaticDecoder`) runs any pair of `GraphRunner`s on any device, so the tests
-drive it on the CPU with the exported torch graphs; only `TensorRTGraph` touches TensorRT.
-Not run yet: needs an NVIDIA GPU with TensorRT.
+The decode logic (`StaticDecoder`) runs any pair of `GraphRunner`s (trt_support.py) on any device,
+so the tests drive it on the CPU with the exported torch graphs; only `TensorRTGraph` touches
+TensorRT. This module never imports the builder (build/): what both need is in trt_support.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from pidserve.kernels import postprocess
-from pidserve.model import PiDConfig, PiDNet
+from pidserve.model import PiDConfig
 from pidserve.model.sampler import MAX_STUDENT_STEPS, student_steps, student_timesteps
 
 from .base import (
@@ -43,6 +47,7 @@ from .base import (
     Engine,
     EngineCapabilities,
     EngineConfigError,
+    ShapeProfile,
     StageTimer,
     copy_to_host,
     on_device,
@@ -50,10 +55,19 @@ from .base import (
     seeded_noises,
     warmup_text_tokens,
 )
-from .export import ShapeProfile, condition_io_names, step_io_names
+from .cuda_graphs import GraphCapture
 from .gpu_classes import check_precision, current_gpu
 from .manifest import EngineManifest, check_compatible, read_manifest
-from .tensorrt_build import require_tensorrt, tensorrt_logger
+from .trt_support import (
+    GraphRunner,
+    check_io_names,
+    expected_io_names,
+    io_shapes,
+    require_tensorrt,
+    shared_dtypes,
+    tensorrt_logger,
+    torch_dtype_for,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -61,18 +75,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKEND = "tensorrt"
-
-# TensorRT DataType names -> torch dtypes of the buffers bound to them.
-TORCH_DTYPES_BY_TRT_NAME = {
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT8": torch.int8,
-    "UINT8": torch.uint8,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "BOOL": torch.bool,
-}
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------
@@ -86,38 +88,26 @@ def single_profile(manifest: EngineManifest) -> ShapeProfile:
     return profiles[0]
 
 
-def expected_io_names(cfg: PiDConfig, text_tokens: int) -> dict[str, tuple[list[str], list[str]]]:
-    """{"condition": (inputs, outputs), "step": (inputs, outputs)} of the export contract (export.py)."""
-    with torch.device("meta"):  # the io names only read the config; a meta net allocates nothing
-        net = PiDNet(cfg)
-    return {"condition": condition_io_names(net, text_tokens), "step": step_io_names(net, text_tokens)}
-
-
-def io_shapes(cfg: PiDConfig, profile: ShapeProfile, batch: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of every graph input and output at one batch size (the export.py contract).
-
-    latent [B, C, h, w], text [B, Lt, text_dim], gate_features [G, B, L, D],
-    pixel_feature [B, L, D] (v1.5), text_tokens [B, Lt, D], x_t and velocity [B, 3, H, W],
-    t_scaled and sigma [B]; L = (H / patch) * (W / patch) patch tokens.
-    """
+def capabilities_from_manifest(manifest: EngineManifest, device: torch.device | str) -> EngineCapabilities:
+    """What an engine directory decodes: one output size and text length, its batch sizes, 1-4 steps."""
+    cfg = manifest.pid_config()
+    profile = single_profile(manifest)
     height, width = profile.image_size
-    patches = (height // cfg.patch_size) * (width // cfg.patch_size)
-    latent_h, latent_w = profile.latent_size(cfg.latent_downsample * cfg.sr_scale)
-    lt = profile.text_tokens
-    shapes: dict[str, tuple[int, ...]] = {
-        "latent": (batch, cfg.latent_channels, latent_h, latent_w),
-        "gate_features": (cfg.num_gates, batch, patches, cfg.hidden_size),
-        "x_t": (batch, cfg.in_channels, height, width),
-        "t_scaled": (batch,),
-        "sigma": (batch,),
-        "velocity": (batch, cfg.in_channels, height, width),
-    }
-    if cfg.pixel_gate:
-        shapes["pixel_feature"] = (batch, patches, cfg.hidden_size)
-    if lt:
-        shapes["text"] = (batch, lt, cfg.text_dim)
-        shapes["text_tokens"] = (batch, lt, cfg.hidden_size)
-    return shapes
+    return EngineCapabilities(
+        backend=BACKEND,
+        device=str(device),
+        precision=manifest.precision,
+        latent_channels=cfg.latent_channels,
+        latent_space=cfg.latent_space,
+        text_dim=cfg.text_dim,
+        output_scale=cfg.output_scale,
+        max_batch=profile.max_batch,
+        # Built sizes; any n up to max_batch is accepted and padded to the next one.
+        batch_sizes=tuple(profile.batch_sizes),
+        image_sizes=((height, width),),
+        steps=tuple(range(1, MAX_STUDENT_STEPS + 1)),
+        text_tokens=(profile.text_tokens,),
+    )
 
 
 def decoder_shapes(cfg: PiDConfig, profile: ShapeProfile, batch: int) -> dict[str, tuple[int, ...]]:
@@ -147,82 +137,7 @@ def static_views(
     return views
 
 
-def capabilities_from_manifest(manifest: EngineManifest, device: torch.device | str) -> EngineCapabilities:
-    """What an engine directory decodes: one output size and text length, its batch sizes, 1-4 steps."""
-    cfg = manifest.pid_config()
-    profile = single_profile(manifest)
-    height, width = profile.image_size
-    return EngineCapabilities(
-        backend=BACKEND,
-        device=str(device),
-        precision=manifest.precision,
-        latent_channels=cfg.latent_channels,
-        latent_space=cfg.latent_space,
-        text_dim=cfg.text_dim,
-        output_scale=cfg.latent_downsample * cfg.sr_scale,
-        max_batch=profile.max_batch,
-        # Built sizes; any n up to max_batch is accepted and padded to the next one.
-        batch_sizes=tuple(profile.batch_sizes),
-        image_sizes=((height, width),),
-        steps=tuple(range(1, MAX_STUDENT_STEPS + 1)),
-        text_tokens=(profile.text_tokens,),
-    )
-
-
-def torch_dtype_for(trt_type_name: str) -> torch.dtype:
-    """The torch dtype of a buffer for a TensorRT DataType (by name: "FLOAT", "BF16", ...)."""
-    if trt_type_name not in TORCH_DTYPES_BY_TRT_NAME:
-        raise EngineConfigError(f"TensorRT tensor type {trt_type_name} has no torch buffer type here")
-    return TORCH_DTYPES_BY_TRT_NAME[trt_type_name]
-
-
-def check_io_names(
-    graph: str, inputs: Sequence[str], outputs: Sequence[str], expected: tuple[list[str], list[str]]
-) -> None:
-    """A plan's tensors must be exactly the export contract's (else it is from another export)."""
-    want_in, want_out = expected
-    if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
-        raise EngineConfigError(
-            f"{graph} plan has inputs {sorted(inputs)} and outputs {sorted(outputs)}; this model's "
-            f"export contract has inputs {sorted(want_in)} and outputs {sorted(want_out)}. "
-            "Rebuild the engine directory."
-        )
-
-
-def shared_dtypes(condition: GraphRunner, step: GraphRunner) -> dict[str, torch.dtype]:
-    """dtype of every graph tensor; a condition output that feeds the step must agree on both sides."""
-    dtypes = {name: condition.dtype(name) for name in (*condition.input_names, *condition.output_names)}
-    for name in (*step.input_names, *step.output_names):
-        dtype = step.dtype(name)
-        if name in dtypes and dtypes[name] != dtype:
-            raise EngineConfigError(
-                f"tensor {name!r} is {dtypes[name]} out of the condition plan but {dtype} into the "
-                "step plan; export both graphs from the same network (same dtype) and rebuild"
-            )
-        dtypes[name] = dtype
-    return dtypes
-
-
-# ---- graph runners ------------------------------------------------------------------------------
-class GraphRunner(Protocol):
-    """Runs one exported graph (condition or step) on static buffers, one binding per batch size."""
-
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-
-    def dtype(self, name: str) -> torch.dtype:
-        """The dtype of the buffer bound to tensor `name`."""
-        ...
-
-    def bind(self, batch: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Fix the buffers (by tensor name) that runs at this batch size read and write."""
-        ...
-
-    def run(self, batch: int) -> None:
-        """Enqueue one run at this batch size on the current stream (asynchronous on CUDA)."""
-        ...
-
-
+# ---- one plan as a graph runner -------------------------------------------------------------------
 class TensorRTGraph:
     """One TensorRT plan as a GraphRunner: an execution context per batch size.
 
@@ -327,12 +242,9 @@ class StaticDecoder:
             condition.bind(b, views)
             step.bind(b, views)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        # One memory pool for every captured graph: replays never overlap (one stream), and no
-        # graph output lives in the pool (outputs land in the static buffers above).
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        # An explicit capture stream on our device: torch's default capture stream is created once,
-        # on whichever device was current at the first capture in the process.
-        self._capture_stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
+        # One pool and one capture stream for every graph (cuda_graphs.py); no graph output lives in
+        # the pool: outputs land in the static buffers above.
+        self._capture = GraphCapture(device) if self.cuda_graphs else None
         total = sum(t.numel() * t.element_size() for t in self._flat.values())
         log.info("static buffers: %.1f MB for batch sizes %s", total / 1e6, list(self.batch_sizes))
 
@@ -373,10 +285,10 @@ class StaticDecoder:
 
     def _run(self, size: int, steps: int) -> None:
         with on_device(self.device):
-            if not self.cuda_graphs:
+            if self._capture is None:
                 self._decode_on_device(size, steps)
                 return
-            graph = self._graphs.get((size, steps)) or self._capture(size, steps)
+            graph = self._graphs.get((size, steps)) or self._capture_graph(self._capture, size, steps)
             graph.replay()
 
     def _decode_on_device(self, size: int, steps: int) -> None:
@@ -398,18 +310,11 @@ class StaticDecoder:
         x0 = student_steps(velocity, draw, student_timesteps(steps))
         postprocess(x0, out=views["images"])
 
-    def _capture(self, size: int, steps: int) -> torch.cuda.CUDAGraph:
+    def _capture_graph(self, capture: GraphCapture, size: int, steps: int) -> torch.cuda.CUDAGraph:
         log.info("capturing the %d-step decode at batch %d as a CUDA graph", steps, size)
-        # Warm up on a side stream first: Triton compiles the post-process, TensorRT finishes its
-        # lazy per-context setup, and the allocator settles -- none of which may happen in capture.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._decode_on_device(size, steps)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
-            self._decode_on_device(size, steps)
+        # The warm-up run on a side stream lets Triton compile the post-process, TensorRT finish its
+        # lazy per-context setup, and the allocator settle -- none of which may happen in capture.
+        graph, _ = capture.capture(lambda: self._decode_on_device(size, steps))
         self._graphs[(size, steps)] = graph
         return graph
 
@@ -423,9 +328,8 @@ class StaticDecoder:
 class TensorRTEngine(Engine):
     """Decode with a `pidserve build` engine directory on an NVIDIA GPU.
 
-    The manifest is checked first (GPU compute capability, TensorRT version), then both plans are
-    deserialized, buffers allocated and contexts bound; `warmup()` captures one CUDA graph per
-    batch size. Not run yet: needs an NVIDIA GPU with TensorRT.
+    Opening runs `check`, `load` and `bind`; `warmup()` runs `capture`. Not run yet: needs an NVIDIA
+    GPU with TensorRT.
     """
 
     backend = BACKEND
@@ -434,6 +338,25 @@ class TensorRTEngine(Engine):
         self, engine_dir: str | Path, device: str | torch.device = "cuda", cuda_graphs: bool = True
     ) -> None:
         self.engine_dir = Path(engine_dir)
+        self.check(device)
+        self.load()
+        self.bind(cuda_graphs)
+        log.info(
+            "engine: backend=tensorrt dir=%s %s %s batch %s, TensorRT %s, scratch %.0f MB",
+            self.engine_dir,
+            self.manifest.precision,
+            self.profile.tag,
+            list(self.profile.batch_sizes),
+            self.trt_version,
+            self._scratch.numel() / 1e6,
+        )
+
+    def check(self, device: str | torch.device = "cuda") -> None:
+        """Read manifest.json and check it against this GPU and TensorRT before TensorRT loads anything.
+
+        Sets manifest, device (an indexed CUDA device), trt_version, cfg, profile and the capabilities.
+        EngineConfigError when the plans cannot run here, with the rebuild command where one helps.
+        """
         self.manifest = read_manifest(self.engine_dir)
         self.device = torch.device(device)
         if self.device.type != "cuda":
@@ -443,13 +366,15 @@ class TensorRTEngine(Engine):
                 "cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0
             )
         gpu_name, capability = current_gpu(self.device)
-        trt_version = require_tensorrt()
-        check_compatible(self.manifest, gpu_name, capability, trt_version, engine_dir=self.engine_dir)
+        self.trt_version = require_tensorrt()
+        check_compatible(self.manifest, gpu_name, capability, self.trt_version, engine_dir=self.engine_dir)
         check_precision(self.manifest.precision, capability, gpu_name)
         self._caps = capabilities_from_manifest(self.manifest, self.device)
-        cfg = self.manifest.pid_config()
-        profile = single_profile(self.manifest)
+        self.cfg = self.manifest.pid_config()
+        self.profile = single_profile(self.manifest)
 
+    def load(self) -> None:
+        """Deserialize both plans with one TensorRT runtime, and allocate the scratch memory they share."""
         import tensorrt as trt
 
         torch.cuda.set_device(self.device)
@@ -457,25 +382,6 @@ class TensorRTEngine(Engine):
         self._engines = {graph: self._load_plan(graph) for graph in ("condition", "step")}
         scratch_bytes = max(engine.device_memory_size_v2 for engine in self._engines.values())
         self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=self.device)
-        runners = {
-            graph: TensorRTGraph(graph, engine, self.device, self._scratch)
-            for graph, engine in self._engines.items()
-        }
-        for graph, expected in expected_io_names(cfg, profile.text_tokens).items():
-            check_io_names(graph, runners[graph].input_names, runners[graph].output_names, expected)
-        self._runners = runners
-        self._decoder = StaticDecoder(
-            cfg, profile, runners["condition"], runners["step"], self.device, cuda_graphs
-        )
-        log.info(
-            "engine: backend=tensorrt dir=%s %s %s batch %s, TensorRT %s, scratch %.0f MB",
-            self.engine_dir,
-            self.manifest.precision,
-            profile.tag,
-            list(profile.batch_sizes),
-            trt_version,
-            scratch_bytes / 1e6,
-        )
 
     def _load_plan(self, graph: str) -> trt.ICudaEngine:
         path = self.engine_dir / self.manifest.files[graph]
@@ -487,6 +393,25 @@ class TensorRTEngine(Engine):
                 f"TensorRT could not deserialize {path}; see the 'tensorrt' log, and rebuild"
             )
         return engine
+
+    def bind(self, cuda_graphs: bool = True) -> None:
+        """Check each plan's tensors against the export contract, then allocate the static buffers and
+        bind them to one execution context per plan and built batch size (the StaticDecoder)."""
+        runners = {
+            graph: TensorRTGraph(graph, engine, self.device, self._scratch)
+            for graph, engine in self._engines.items()
+        }
+        for graph, expected in expected_io_names(self.cfg, self.profile.text_tokens).items():
+            check_io_names(graph, runners[graph].input_names, runners[graph].output_names, expected)
+        self._runners = runners
+        self._decoder = StaticDecoder(
+            self.cfg, self.profile, runners["condition"], runners["step"], self.device, cuda_graphs
+        )
+
+    def capture(self, steps: int = MAX_STUDENT_STEPS) -> None:
+        """Capture the `steps`-step decode of every built batch size as a CUDA graph (other step counts
+        are captured on first use)."""
+        self._decoder.warmup(steps)
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -502,7 +427,7 @@ class TensorRTEngine(Engine):
         The text length is fixed by the build; asking for another one is refused with the rebuild hint.
         """
         warmup_text_tokens(self._caps, text_tokens)
-        self._decoder.warmup(MAX_STUDENT_STEPS)
+        self.capture(MAX_STUDENT_STEPS)
 
     def close(self) -> None:
         self._decoder.close()

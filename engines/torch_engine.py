@@ -31,6 +31,7 @@ from .base import (
     seeded_noises,
     warmup_text_tokens,
 )
+from .cuda_graphs import GraphCapture
 from .fp8_linear import check_fp8_matmul, convert_to_fp8, has_fp8_layers
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class TorchEngine(Engine):
             latent_channels=cfg.latent_channels,
             latent_space=cfg.latent_space,
             text_dim=cfg.text_dim,
-            output_scale=cfg.latent_downsample * cfg.sr_scale,
+            output_scale=cfg.output_scale,
             max_batch=max_batch,
             batch_sizes=batch_sizes,
             image_sizes=None if image_sizes is None else tuple(tuple(size) for size in image_sizes),
@@ -257,11 +258,7 @@ class TorchCompileEngine(TorchEngine):
         mode = compile_mode or "default"
         self.velocity = torch.compile(self.net.velocity, mode=mode, dynamic=False)
         self._graphs: dict[tuple, _CapturedDecode] = {}
-        if self.device.type == "cuda":
-            self._pool = torch.cuda.graph_pool_handle()
-            # Our own capture stream on our device (torch's default one is made once per process,
-            # on whichever device was current at the first capture).
-            self._capture_stream = torch.cuda.Stream(self.device)
+        self._capture = GraphCapture(self.device) if self.device.type == "cuda" else None
         log.info("torch.compile mode=%s; CUDA graphs: %s", mode, self.device.type == "cuda")
 
     def _compute(
@@ -272,10 +269,12 @@ class TorchCompileEngine(TorchEngine):
         text: torch.Tensor | None,
         timer: StageTimer,
     ) -> torch.Tensor:
-        if self.device.type != "cuda":
+        if self._capture is None:  # not on CUDA: no graphs, the compiled network runs step by step
             return decode_on_device(self.net, latents, sigmas, noises, text, self.velocity, timer)
         key = (tuple(latents.shape), len(noises), None if text is None else tuple(text.shape))
-        captured = self._graphs.get(key) or self._capture(key, latents, sigmas, noises, text)
+        captured = self._graphs.get(key) or self._capture_decode(
+            self._capture, key, latents, sigmas, noises, text
+        )
         with timer.stage("graph"):
             captured.latents.copy_(latents)
             captured.sigmas.copy_(sigmas)
@@ -286,8 +285,9 @@ class TorchCompileEngine(TorchEngine):
             captured.graph.replay()
         return captured.pixels
 
-    def _capture(
+    def _capture_decode(
         self,
+        capture: GraphCapture,
         key: tuple,
         latents: torch.Tensor,
         sigmas: torch.Tensor,
@@ -304,16 +304,8 @@ class TorchCompileEngine(TorchEngine):
                 self.net, static_latents, static_sigmas, static_noises, static_text, self.velocity
             )
 
-        # Warm up on a side stream (compilation, autotuning, allocator pools), then capture.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
-            pixels = run()
+        # Two warm-up runs on a side stream (compilation, autotuning, allocator pools), then the capture.
+        graph, pixels = capture.capture(run, warmup_runs=2)
         captured = _CapturedDecode(graph, static_latents, static_sigmas, static_noises, static_text, pixels)
         self._graphs[key] = captured
         return captured

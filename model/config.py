@@ -94,10 +94,14 @@ class PiDConfig:
         """ "v1.5" for nets with the pixel gate (scalar gates, replicate padding), else "v1"."""
         return "v1.5" if self.pixel_gate else "v1"
 
+    @property
+    def output_scale(self) -> int:
+        """Output pixels per latent cell, per side: latent_downsample * sr_scale."""
+        return self.latent_downsample * self.sr_scale
+
     def output_size(self, latent_h: int, latent_w: int) -> tuple[int, int]:
         """Pixel size (H, W) of the image decoded from a latent of spatial size (h, w)."""
-        factor = self.latent_downsample * self.sr_scale
-        return latent_h * factor, latent_w * factor
+        return latent_h * self.output_scale, latent_w * self.output_scale
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""

@@ -396,10 +396,3 @@ class PiDNet(nn.Module):
         """The patch grid of the RoPE reference size (the NTK rescaling's reference)."""
         ref_h, ref_w = self.cfg.rope_ref_size
         return ref_h // self.cfg.patch_size, ref_w // self.cfg.patch_size
-
-    # engines/export.py still calls these two names; they go once it calls the *_table methods.
-    def _joint_rope(self, grid: tuple[int, int], text_len: int, device: torch.device) -> RopeTable:
-        return self.joint_rope_table(grid, text_len, device)
-
-    def _grid_rope(self, grid: tuple[int, int], head_dim: int, device: torch.device) -> RopeTable:
-        return grid_rope(grid, head_dim, self._rope_ref_grid(), device)

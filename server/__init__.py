@@ -3,8 +3,8 @@
 Public API (other folders use exactly these names):
     ServerSettings, create_app, run
 
-Imports are lazy so that the encoder pool's worker processes, which import `pidserve.server.image_codecs`,
-do not pay for FastAPI and torch.
+Imports are lazy so that the encoder pool's worker processes, which import `pidserve.server.encoder_pool`
+and `pidserve.server.image_encoders`, do not pay for FastAPI and torch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The FastAPI application: routes, error handlers, the request-id/metrics/access-log middleware, lifecycle.
 
 create_app(settings)  ->  FastAPI
-  lifespan: DecodeService.start() (loads + warms up in the background) ... DecodeService.stop() (drains)
+  lifespan: ModelLoader.start() (loads + warms up in the background) ... ModelLoader.stop() (drains)
+  app.state.loader (loader.py: the model's lifecycle), app.state.service (service.py: the request path)
   /v1/decode, /v1/models (v1.py)   /v2/... (kserve.py)   /metrics   /docs, /openapi.json
 """
 
@@ -19,10 +20,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_s
 
 from pidserve import __version__
 
-from . import kserve, v1
+from . import kserve, kserve_models, v1
 from .errors import install_error_handlers
+from .loader import EngineFactory, ModelLoader
 from .metrics import Metrics
-from .service import DecodeService, EngineFactory
+from .service import DecodeService
 from .settings import ServerSettings
 
 access_log = logging.getLogger("pidserve.access")
@@ -87,7 +89,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = Metrics()
-    service = DecodeService(settings, metrics, engine_factory)
+    loader = ModelLoader(settings, metrics, engine_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -98,11 +100,11 @@ def create_app(
             exporter, _ = start_http_server(
                 settings.metrics_port, addr=settings.host, registry=metrics.registry
             )
-        service.start()
+        loader.start()
         try:
             yield
         finally:
-            service.stop()
+            loader.stop()
             if exporter is not None:
                 exporter.shutdown()
 
@@ -112,7 +114,8 @@ def create_app(
         description="PiD pixel diffusion decoder: latents in, high-resolution pixels out.",
         lifespan=lifespan,
     )
-    app.state.service = service
+    app.state.loader = loader
+    app.state.service = DecodeService(loader)
     app.state.metrics = metrics
     app.state.api_key = settings.resolved_api_key()
     install_error_handlers(app)
@@ -122,16 +125,17 @@ def create_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
-        metrics.queue_depth.set(service.batcher.depth if service.batcher else 0)
+        metrics.queue_depth.set(loader.batcher.depth if loader.batcher else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestContext, metrics=metrics)
-    app.openapi = lambda: _openapi_with_model_name(app, service.name)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi_with_model_name(app, loader.name)  # type: ignore[method-assign]
     return app
 
 
 def _openapi_with_model_name(app: FastAPI, name: str) -> dict:
-    """The generated schema, with the v2 {name} and {version} path parameters pinned to what is served."""
+    """The generated schema, with the v2 {name} and {version} path parameters pinned to what is served
+    and the KServe request's models (kserve_models.py) among its components."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
@@ -145,5 +149,6 @@ def _openapi_with_model_name(app: FastAPI, name: str) -> dict:
                         param["schema"] = {"type": "string", "enum": [name]}
                     elif param["in"] == "path" and param["name"] == "version":
                         param["schema"] = {"type": "string", "enum": [kserve.VERSION]}
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(kserve_models.OPENAPI_SCHEMAS)
         app.openapi_schema = schema
     return app.openapi_schema

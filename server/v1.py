@@ -7,10 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from . import codecs
+from pidserve.model import MAX_STUDENT_STEPS
+
+from . import request_codecs
 from .errors import unprocessable
 from .http import check_api_key, disconnect_watcher, read_body, server_timing
-from .image_codecs import MEDIA_TYPES, multipart
+from .image_encoders import MEDIA_TYPES, multipart
+from .loader import ModelLoader
 from .service import DecodeRequest, DecodeService
 from .settings import OutputFormat
 
@@ -22,7 +25,7 @@ _BASE64_LATENT = {
     "properties": {
         "data": {"type": "string", "format": "byte", "description": "little-endian tensor bytes, base64"},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "example": [1, 16, 8, 8]},
-        "dtype": {"type": "string", "enum": list(codecs.LATENT_DTYPES), "default": "float32"},
+        "dtype": {"type": "string", "enum": list(request_codecs.LATENT_DTYPES), "default": "float32"},
     },
 }
 _NUMBER_OR_LIST = {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}
@@ -32,16 +35,16 @@ DECODE_BODY = {
         "required": True,
         "description": "The latent [B, C, h, w] or [C, h, w] (normalised, as the generator produced it).",
         "content": {
-            codecs.SAFETENSORS: {
+            request_codecs.SAFETENSORS: {
                 "schema": {"type": "string", "format": "binary"},
                 "example": "tensors 'latent', optional 'sigma' [B] and 'seed' [B]",
             },
-            codecs.NPY: {"schema": {"type": "string", "format": "binary"}},
-            codecs.RAW: {
+            request_codecs.NPY: {"schema": {"type": "string", "format": "binary"}},
+            request_codecs.RAW: {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "raw bytes; headers X-Latent-Shape (e.g. 1,16,32,32) and X-Latent-Dtype",
             },
-            codecs.JSON: {
+            request_codecs.JSON: {
                 "schema": {
                     "type": "object",
                     "required": ["latent"],
@@ -74,7 +77,9 @@ async def decode(
     seed: Annotated[
         int | None, Query(ge=0, lt=2**62, description="Noise seed; latent i uses seed + i.")
     ] = None,
-    steps: Annotated[int, Query(ge=1, le=4, description="Student steps.")] = 4,
+    steps: Annotated[
+        int, Query(ge=1, le=MAX_STUDENT_STEPS, description="Student steps.")
+    ] = MAX_STUDENT_STEPS,
     prompt: Annotated[
         str | None, Query(max_length=4000, description="Text for text-conditioned models.")
     ] = None,
@@ -85,15 +90,9 @@ async def decode(
     """Decode a latent (or a small batch) into image(s)."""
     started = time.monotonic()
     service = _service(request)
-    info = service.require_ready()
-    settings = service.settings
-    if latent_space is not None and latent_space != info.latent_space:
-        raise unprocessable(
-            f"this server decodes '{info.latent_space}' latents ({info.name}); "
-            f"got latent_space={latent_space!r}"
-        )
-    body = await read_body(request, settings.max_body_bytes)
-    payload = codecs.read_latent_body(request.headers.get("content-type"), body, request.headers)
+    service.require_ready(latent_space)
+    body = await read_body(request, service.settings.max_body_bytes)
+    payload = request_codecs.read_latent_body(request.headers.get("content-type"), body, request.headers)
     if payload.sigma is not None and sigma is not None:
         raise unprocessable("sigma is given both in the body and in the query; give it once")
     if payload.seed is not None and seed is not None:
@@ -106,42 +105,38 @@ async def decode(
             steps=steps,
             prompt=prompt,
             timeout_s=timeout,
+            output_format=format,
+            quality=quality,
         ),
         disconnected=disconnect_watcher(request),
     )
-    fmt = format or settings.default_format
-    encode_start = time.monotonic()
-    encoded = await service.encoders.encode(outcome.images, fmt, quality or settings.default_quality)
-    encode_s = time.monotonic() - encode_start
-    service.metrics.encode_seconds.labels(fmt).observe(encode_s)
     headers = {
-        "Server-Timing": server_timing(
-            {**outcome.timings, "encode": encode_s, "total": time.monotonic() - started}
-        ),
+        "Server-Timing": server_timing({**outcome.timings, "total": time.monotonic() - started}),
         "X-Seed": ",".join(map(str, outcome.seeds)),
         "X-Batch-Size": ",".join(map(str, outcome.batch_sizes)),
     }
-    if fmt in ("raw", "safetensors"):
-        headers["X-Image-Shape"] = ",".join(map(str, outcome.images.shape))
+    media_type = MEDIA_TYPES[outcome.output_format]
+    if outcome.output_format in ("raw", "safetensors"):
+        headers["X-Image-Shape"] = ",".join(map(str, outcome.shape))
         headers["X-Image-Dtype"] = "uint8"
-        return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
-    if len(encoded) == 1:
-        return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
-    content, content_type = multipart(encoded, MEDIA_TYPES[fmt])
+        return Response(outcome.bodies[0], media_type=media_type, headers=headers)
+    if len(outcome.bodies) == 1:
+        return Response(outcome.bodies[0], media_type=media_type, headers=headers)
+    content, content_type = multipart(outcome.bodies, media_type)
     return Response(content, media_type=content_type, headers=headers)
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     """What is loaded, on which backend, and the service's limits."""
-    service = _service(request)
-    settings = service.settings
-    info = service.info
+    loader: ModelLoader = request.app.state.loader
+    settings = loader.settings
+    info = loader.info
     return {
         "models": [
             {
-                "name": service.name,
-                "state": service.state,
+                "name": loader.name,
+                "state": loader.state,
                 **(
                     {}
                     if info is None
@@ -167,5 +162,5 @@ async def models(request: Request) -> dict:
             "request_timeout_s": settings.request_timeout_s,
         },
         "formats": list(MEDIA_TYPES),
-        "input_media_types": list(codecs.INPUT_MEDIA_TYPES),
+        "input_media_types": list(request_codecs.INPUT_MEDIA_TYPES),
     }

@@ -78,7 +78,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(ae, step)
-        metrics["loss"] = float(all_mean(loss, info))
+        metrics["loss"] = float(all_mean(loss.detach(), info))
         progress.update(step, metrics, log=step % cfg.log_every == 0)
         if info.is_main and step % cfg.sample_every == 0:
             save_grid(run_dir / "samples" / f"step_{step:07d}.png", [image[:8], recon[:8].detach()])

@@ -30,7 +30,7 @@ def export(
 ) -> None:
     """Export the network as ONNX (condition.onnx + step.onnx) for one output size."""
     from pidserve.engines import ShapeProfile
-    from pidserve.engines.export import export_onnx, verify_export
+    from pidserve.engines.build import export_onnx, verify_export
 
     net = load_model(checkpoint, variant)
     sizes = tuple(sorted(set(int_list("--batch-sizes", batch_sizes))))
@@ -66,10 +66,15 @@ def build(
 
     Runs on the target GPU with TensorRT installed; checks both before exporting anything.
     """
-    from pidserve.engines import EngineConfigError, ShapeProfile
-    from pidserve.engines.export import export_onnx
-    from pidserve.engines.gpu_classes import batch_ladder, check_precision, get_gpu_class
-    from pidserve.engines.tensorrt_build import build_engines, require_tensorrt
+    from pidserve.engines import (
+        EngineConfigError,
+        ShapeProfile,
+        batch_ladder,
+        check_precision,
+        get_gpu_class,
+        require_tensorrt,
+    )
+    from pidserve.engines.build import build_engines, export_onnx, quantize_fp8_and_export
 
     try:
         target = get_gpu_class(gpu_class)
@@ -88,8 +93,6 @@ def build(
     onnx_dir = output / "onnx"
     try:
         if precision == "fp8":
-            from pidserve.engines.quantize import quantize_fp8_and_export
-
             graphs = quantize_fp8_and_export(
                 net, profile, onnx_dir, calibration=calibration_latents, random_calibration=random_calibration
             )
@@ -117,7 +120,7 @@ def _stale_reasons(
     """Why OUTPUT's engines do not match this build on this GPU (empty: they are current)."""
     import torch
 
-    from pidserve.engines.manifest import sha256_file, stale_reasons
+    from pidserve.engines import sha256_file, stale_reasons
 
     if not checkpoint.is_file():
         raise fail(f"{checkpoint} does not exist")

@@ -15,7 +15,7 @@ from pidserve.engines import (
     open_engine,
 )
 from pidserve.engines.base import seeded_noises
-from pidserve.engines.export import export_onnx, verify_export
+from pidserve.engines.build import export_onnx, verify_export
 from pidserve.model import PiDConfig, PiDNet, load_checkpoint, sample, to_uint8_hwc
 from tests.conftest import OFFICIAL
 

@@ -22,9 +22,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pidserve.engines import EngineConfigError, ShapeProfile
-from pidserve.engines import quantize as qz
+from pidserve.engines.build import export as ex
+from pidserve.engines.build import quantize as qz
+from pidserve.engines.build.tensorrt_build import validate_build_request
 from pidserve.engines.gpu_classes import get_gpu_class
-from pidserve.engines.tensorrt_build import validate_build_request
 from pidserve.model import PiDConfig, PiDNet
 
 PROFILE = ShapeProfile((64, 64), (1, 2), 0)  # tiny nets: 32 output pixels per latent cell -> 2x2 latents
@@ -239,12 +240,35 @@ class _FakeQuantMLP(nn.Module):
             self.w2.fill_(self.fc2.weight.abs().max())
 
 
+def _fp8_export_graph(
+    module: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    input_names: list[str],
+    output_names: list[str],
+    path: Path,
+    table: dict[Any, Any],
+    max_batch: int,
+) -> Path:
+    """One graph exported as the FP8 export writes it: opset 19, weights beside the graph."""
+    return ex.export_graph(
+        module,
+        inputs,
+        input_names,
+        output_names,
+        path,
+        table,
+        max_batch,
+        opset=qz.FP8_OPSET,
+        external_data=True,
+    )
+
+
 def test_fp8_qdq_export_runs_in_onnxruntime(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _FakeQuantMLP().eval()
     x = torch.randn(2, 16)
     model.calibrate(x)
-    path = qz.export_graph(
+    path = _fp8_export_graph(
         model, {"x": x}, ["x"], ["y"], tmp_path / "mlp.onnx", {QUANTIZE_OP: qz.fp8_qdq_translation()}, 4
     )
     graph = onnx.load(str(path)).graph
@@ -285,7 +309,7 @@ def test_only_fp8_e4m3_exports(tmp_path: Path) -> None:
     model = _FakeQuantMLP(exponent_bits=0).eval()
     table = {QUANTIZE_OP: qz.fp8_qdq_translation()}
     with pytest.raises(Exception, match="only FP8 E4M3"):
-        qz.export_graph(model, {"x": torch.randn(2, 16)}, ["x"], ["y"], tmp_path / "int8.onnx", table, 4)
+        _fp8_export_graph(model, {"x": torch.randn(2, 16)}, ["x"], ["y"], tmp_path / "int8.onnx", table, 4)
 
 
 def test_export_quantized_graphs_writes_an_fp8_export(
@@ -301,14 +325,18 @@ def test_export_quantized_graphs_writes_an_fp8_export(
         path: Path,
         table: Any,
         max_batch: int,
+        *,
+        opset: int,
+        external_data: bool | None,
     ) -> Path:
         assert set(inputs) == set(ins) and QUANTIZE_OP in table
+        assert opset == qz.FP8_OPSET and external_data is True  # the FP8 export's options
         exported.append((type(module).__name__, list(ins), list(outs), max_batch))
         path.write_bytes(b"onnx")
         return path
 
     monkeypatch.setattr(
-        qz, "export_graph", fake_export
+        ex, "export_graph", fake_export
     )  # the real export is tested above; this is the wiring
     record = {"exclude": list(qz.DEFAULT_EXCLUDE), "calibration": {"source": "random", "samples": 2}}
     graphs = qz.export_quantized_graphs(
@@ -351,7 +379,7 @@ def test_the_qdq_translation_makes_every_fp8_rounding_decision_modelopt_makes(tm
     model = mtq.quantize(_TwoLinears().eval(), mtq.FP8_DEFAULT_CFG, lambda m: m(calibration))
     table = {qz.modelopt_quantize_op(): qz.fp8_qdq_translation()}
     with qz.modelopt_export_mode():
-        path = qz.export_graph(model, {"x": calibration}, ["x"], ["y"], tmp_path / "two.onnx", table, 8)
+        path = _fp8_export_graph(model, {"x": calibration}, ["x"], ["y"], tmp_path / "two.onnx", table, 8)
     session = _onnxruntime(path)
     for scale in (1.0, 3.0):  # 3x the calibrated range: saturation must match too
         x = torch.randn(5, 64) * scale
@@ -366,7 +394,7 @@ def test_real_modelopt_quantizes_and_exports_a_pid_network(tmp_path: Path) -> No
     # This found that the export needs ModelOpt's export mode (modelopt_export_mode): without it, an
     # excluded layer's disabled quantizer left a FakeTensor constant the ONNX exporter could not fold.
     mtq = pytest.importorskip("modelopt.torch.quantization")
-    from pidserve.engines.export import StepGraph, example_inputs
+    from pidserve.engines.build.export import StepGraph, example_inputs
 
     torch.manual_seed(0)
     net = PiDNet(PiDConfig.preset("tiny_v1")).eval()

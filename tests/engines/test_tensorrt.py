@@ -20,19 +20,14 @@ import torch
 from torch import nn
 
 from pidserve.engines import DecodeBatch, EngineConfigError, EngineInputError, ShapeProfile
-from pidserve.engines import tensorrt_build as tb
 from pidserve.engines import tensorrt_engine as te
+from pidserve.engines import trt_support as ts
 from pidserve.engines.base import seeded_noises
-from pidserve.engines.export import (
-    ConditionGraph,
-    ExportedGraphs,
-    StepGraph,
-    condition_io_names,
-    example_inputs,
-    step_io_names,
-)
+from pidserve.engines.build import tensorrt_build as tb
+from pidserve.engines.build.export import ConditionGraph, ExportedGraphs, StepGraph, example_inputs
 from pidserve.engines.gpu_classes import GPU_CLASSES, current_gpu, get_gpu_class
 from pidserve.engines.manifest import EngineManifest, profile_to_dict, read_manifest, write_manifest
+from pidserve.engines.trt_support import condition_io_names, step_io_names
 from pidserve.model import PiDConfig, PiDNet, load_checkpoint, sample, save_checkpoint, to_uint8_hwc
 from tests.conftest import OFFICIAL
 
@@ -49,7 +44,7 @@ def tiny_v15() -> PiDNet:
 
 
 def _real_tensorrt() -> bool:
-    return torch.cuda.is_available() and tb.tensorrt_version() is not None
+    return torch.cuda.is_available() and ts.tensorrt_version() is not None
 
 
 needs_tensorrt = pytest.mark.skipif(
@@ -62,11 +57,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_stub_namespace_is_not_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     # What tensorrt-stubs leaves behind: an importable `tensorrt` with nothing in it.
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
-    assert tb.tensorrt_version() is None
+    assert ts.tensorrt_version() is None
     with pytest.raises(EngineConfigError, match=r"TensorRT is not installed.*pidserve\[tensorrt\]"):
-        tb.require_tensorrt()
+        ts.require_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
-    assert tb.tensorrt_version() is None
+    assert ts.tensorrt_version() is None
 
 
 def test_tensorrt_version_checks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,12 +70,12 @@ def test_tensorrt_version_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     fake.__version__ = "8.6.1"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     with pytest.raises(EngineConfigError, match=r"TensorRT >= 10\.1, found 8\.6\.1"):
-        tb.require_tensorrt()
+        ts.require_tensorrt()
     fake.__version__ = "10.0.1.6"  # type: ignore[attr-defined]
     with pytest.raises(EngineConfigError, match=r"TensorRT >= 10\.1, found 10\.0\.1\.6"):
-        tb.require_tensorrt()
+        ts.require_tensorrt()
     fake.__version__ = "10.13.0.35"  # type: ignore[attr-defined]
-    assert tb.require_tensorrt() == "10.13.0.35"
+    assert ts.require_tensorrt() == "10.13.0.35"
 
 
 # ---- build planning ----------------------------------------------------------------------------
@@ -115,7 +110,7 @@ def test_batch_axes_follow_the_export_contract(tiny_v15: PiDNet) -> None:
     profile = ShapeProfile((64, 64), (1, 5), text_tokens=2)
     cond_inputs, step_inputs = example_inputs(tiny_v15, profile, batch=5)
     for name, tensor in {**cond_inputs, **step_inputs}.items():
-        axis = tb.batch_axis(name)
+        axis = ts.batch_axis(name)
         assert tensor.shape[axis] == 5, name
         assert 5 not in [d for i, d in enumerate(tensor.shape) if i != axis], name
 
@@ -308,8 +303,8 @@ def test_io_shapes_match_the_export_contract(preset: str, text_tokens: int) -> N
     actual = {name: tuple(t.shape) for name, t in {**cond_inputs, **step_inputs}.items()}
     with torch.no_grad():
         actual["velocity"] = tuple(StepGraph(net, profile.image_size, text_tokens)(**step_inputs).shape)
-    assert te.io_shapes(net.cfg, profile, 3) == actual
-    expected_names = te.expected_io_names(net.cfg, text_tokens)
+    assert ts.io_shapes(net.cfg, profile, 3) == actual
+    expected_names = ts.expected_io_names(net.cfg, text_tokens)
     assert expected_names == {
         "condition": condition_io_names(net, text_tokens),
         "step": step_io_names(net, text_tokens),
@@ -369,16 +364,16 @@ def test_capabilities_from_the_manifest() -> None:
 
 
 def test_io_name_and_dtype_checks() -> None:
-    te.check_io_names("step", ["x_t", "sigma"], ["velocity"], (["sigma", "x_t"], ["velocity"]))
+    ts.check_io_names("step", ["x_t", "sigma"], ["velocity"], (["sigma", "x_t"], ["velocity"]))
     with pytest.raises(EngineConfigError, match="Rebuild the engine directory"):
-        te.check_io_names("step", ["x_t"], ["velocity"], (["sigma", "x_t"], ["velocity"]))
+        ts.check_io_names("step", ["x_t"], ["velocity"], (["sigma", "x_t"], ["velocity"]))
     condition = _FakeRunner(("latent",), ("gate_features",), torch.bfloat16)
     step = _FakeRunner(("x_t", "gate_features"), ("velocity",), torch.float32)
     with pytest.raises(EngineConfigError, match=r"'gate_features' is torch\.bfloat16 out of the condition"):
-        te.shared_dtypes(condition, step)
-    assert te.torch_dtype_for("BF16") is torch.bfloat16 and te.torch_dtype_for("FLOAT") is torch.float32
+        ts.shared_dtypes(condition, step)
+    assert ts.torch_dtype_for("BF16") is torch.bfloat16 and ts.torch_dtype_for("FLOAT") is torch.float32
     with pytest.raises(EngineConfigError, match="FP4"):
-        te.torch_dtype_for("FP4")
+        ts.torch_dtype_for("FP4")
 
 
 class _FakeRunner:
@@ -549,7 +544,7 @@ def test_cuda_graph_replay_equals_eager_decode() -> None:
 @pytest.mark.gpu
 @needs_tensorrt
 def test_tensorrt_engine_end_to_end(tmp_path: Path) -> None:
-    from pidserve.engines.export import export_onnx
+    from pidserve.engines.build import export_onnx
 
     net = _net("tiny_v1.5").eval()
     _, capability = current_gpu()

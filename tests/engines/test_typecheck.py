@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKED = ("tensorrt_build.py", "tensorrt_engine.py")
+CHECKED = ("build/tensorrt_build.py", "tensorrt_engine.py", "trt_support.py")
 PROBE = "import tensorrt as trt\n\ntrt.Builder(trt.Logger()).build_serialized_netwrk\n"
 
 

@@ -20,7 +20,7 @@ import uvicorn
 from pidserve.engines import DecodeBatch, DecodeResult, Engine, EngineCapabilities, open_engine
 from pidserve.model.default import load_default_decoder
 from pidserve.server import ServerSettings, create_app
-from pidserve.server.service import open_configured_engine
+from pidserve.server.loader import open_configured_engine
 
 POISON_SEED = 666  # a batch holding this seed raises inside the engine
 GATED_SEED = 777  # a batch holding this seed waits until the test opens the gate
@@ -64,8 +64,9 @@ class LiveServer:
     server: uvicorn.Server
 
     @property
-    def service(self):
-        return self.app.state.service
+    def loader(self):
+        """The served model's lifecycle (state, failure, batcher, prompt encoder): server/loader.py."""
+        return self.app.state.loader
 
 
 @contextmanager
@@ -91,7 +92,7 @@ def live_server(wait_ready: bool = True, engine_factory=None, **settings) -> Ite
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     if wait_ready:
-        assert app.state.service.wait_loaded(timeout=120), app.state.service.failure
+        assert app.state.loader.wait_loaded(timeout=120), app.state.loader.failure
     try:
         yield LiveServer(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", app, holder.get("engine"), server)
     finally:

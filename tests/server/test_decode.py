@@ -16,7 +16,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pidserve.client import AsyncClient, Client, parse_multipart
-from pidserve.server import image_codecs
+from pidserve.server import image_encoders
 
 from .conftest import latent, reference
 
@@ -95,13 +95,13 @@ def test_output_formats(server, reference_engine, fmt) -> None:
     with Client(server.url) as client:
         result = client.decode(x, seed=5, format=fmt)
     expected = reference(reference_engine, x, [5]).numpy()
-    assert result.media_type == image_codecs.MEDIA_TYPES[fmt]
+    assert result.media_type == image_encoders.MEDIA_TYPES[fmt]
     images = result.images()
     assert images.shape == expected.shape and images.dtype == np.uint8
     if fmt in ("png", "safetensors"):  # lossless
         np.testing.assert_array_equal(images, expected)
     else:  # lossy: the same bytes as encoding the engine's pixels with the same codec and quality
-        encode = {"jpeg": image_codecs.encode_jpeg, "webp": image_codecs.encode_webp}[fmt]
+        encode = {"jpeg": image_encoders.encode_jpeg, "webp": image_encoders.encode_webp}[fmt]
         assert result.encoded() == [encode(expected[0], 90)]
 
 

@@ -56,7 +56,7 @@ def test_full_queue_gets_429_with_retry_after(gated) -> None:
     queued: list = []
     waiting = [_background(gated.url, 1, queued), _background(gated.url, 2, queued)]
     deadline = time.monotonic() + 10
-    while gated.service.batcher.depth < 2 and time.monotonic() < deadline:
+    while gated.loader.batcher.depth < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     refused = _post(gated.url, 3)
     assert refused.status_code == 429
@@ -116,7 +116,7 @@ def test_not_ready_until_loaded_then_ready() -> None:
     release = threading.Event()
 
     def slow_factory(settings, net):
-        from pidserve.server.service import open_configured_engine
+        from pidserve.server.loader import open_configured_engine
 
         release.wait(timeout=60)
         return FaultyEngine(open_configured_engine(settings, net))
@@ -128,7 +128,7 @@ def test_not_ready_until_loaded_then_ready() -> None:
         assert early.status_code == 503 and early.headers["retry-after"]
         assert "loading" in early.json()["error"]["message"]
         release.set()
-        assert live.service.wait_loaded(timeout=60)
+        assert live.loader.wait_loaded(timeout=60)
         assert httpx.get(f"{live.url}/v2/health/ready").status_code == 200
         assert _post(live.url, 1).status_code == 200
 
@@ -138,7 +138,7 @@ def test_failed_load_is_reported_not_ready_and_not_live() -> None:
         raise RuntimeError("no such engine")
 
     with live_server(wait_ready=False, engine_factory=broken) as live:
-        live.service.wait_loaded(timeout=60)
+        live.loader.wait_loaded(timeout=60)
         assert httpx.get(f"{live.url}/v2/health/live").status_code == 503
         response = _post(live.url, 1)
         assert response.status_code == 503 and "no such engine" in response.json()["error"]["message"]
@@ -152,7 +152,7 @@ def test_graceful_shutdown_drains_the_queue() -> None:
         assert live.engine.entered.wait(timeout=30)
         threads.append(_background(live.url, 5, results))
         deadline = time.monotonic() + 10
-        while live.service.batcher.depth < 1 and time.monotonic() < deadline:
+        while live.loader.batcher.depth < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         live.server.should_exit = True  # what SIGTERM does
         time.sleep(0.3)

@@ -88,7 +88,7 @@ def test_a_pinned_attention_kernel_keeps_the_text_encoder_off_sdpa(text_model, m
             ) as live,
             Client(live.url) as client,
         ):
-            encoder = live.app.state.service.prompts.encoder
+            encoder = live.loader.prompts.encoder
             if choice == "math":
                 assert encoder._model.config._attn_implementation == "eager"
             assert client.decode(x, seed=3, prompt="a cat", format="raw").images().shape == (1, 64, 64, 3)

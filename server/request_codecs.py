@@ -1,4 +1,4 @@
-"""Bytes <-> tensors at the HTTP edge: request bodies in, encoded images out. Pure functions, no I/O.
+"""Request bodies -> latent tensors at the HTTP edge (/v1/decode). Pure functions, no I/O.
 
 Request bodies (`read_latent_body`), by Content-Type:
     application/x-safetensors  tensor "latent" [B,C,h,w] or [C,h,w]; optional "sigma", "seed" ([B] or [])
@@ -8,7 +8,8 @@ Request bodies (`read_latent_body`), by Content-Type:
                                 lists, "sigma": 0.3 | [...], "seed": 7 | [...]}
 Every failure is an ApiError whose message says what to send instead.
 
-Output encoders are in image_codecs.py (no torch there: they also run in the encoder processes).
+Output encoders are in image_encoders.py (no torch there: they also run in the encoder processes);
+KServe v2 requests are parsed by kserve_models.py.
 """
 
 from __future__ import annotations

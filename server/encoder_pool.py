@@ -18,7 +18,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from . import image_codecs as codecs
+from . import image_encoders
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _encode_shared(name: str, shape: tuple[int, ...]) -> bytes:
     try:
         pixels = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
         try:
-            return codecs.encode_fpng(pixels)
+            return image_encoders.encode_fpng(pixels)
         finally:
             del pixels  # release the buffer before closing the block
     finally:
@@ -66,17 +66,19 @@ class EncoderPool:
         """images: uint8 [B, H, W, 3]. raw/safetensors give one bytes for the whole batch."""
         loop = asyncio.get_running_loop()
         if fmt in ("raw", "safetensors"):
-            return [await loop.run_in_executor(self.threads, codecs.encode_tensor, images, fmt)]
+            return [await loop.run_in_executor(self.threads, image_encoders.encode_tensor, images, fmt)]
         jobs = [self._encode_one(loop, image, fmt, quality) for image in images]
         return list(await asyncio.gather(*jobs))
 
     async def _encode_one(self, loop, pixels: np.ndarray, fmt: str, quality: int) -> bytes:
         if fmt == "jpeg":
-            return await loop.run_in_executor(self.threads, codecs.encode_jpeg, pixels, quality)
+            return await loop.run_in_executor(self.threads, image_encoders.encode_jpeg, pixels, quality)
         if fmt == "webp":
-            return await loop.run_in_executor(self.threads, codecs.encode_webp, pixels, quality)
+            return await loop.run_in_executor(self.threads, image_encoders.encode_webp, pixels, quality)
         if self.png_encoder == "pillow":
-            return await loop.run_in_executor(self.threads, codecs.encode_pillow_png, pixels, self.png_level)
+            return await loop.run_in_executor(
+                self.threads, image_encoders.encode_pillow_png, pixels, self.png_level
+            )
         return await self._fpng_in_process(loop, pixels)
 
     async def _fpng_in_process(self, loop, pixels: np.ndarray) -> bytes:

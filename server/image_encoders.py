@@ -1,7 +1,7 @@
 """Output encoders: uint8 images -> PNG, JPEG, WebP, raw bytes, safetensors, multipart.
 
 Only numpy and the codec libraries are imported here, because these functions also run in the encoder
-pool's worker processes (see encoders.py), which should start fast and small.
+pool's worker processes (see encoder_pool.py), which should start fast and small.
 """
 
 from __future__ import annotations
