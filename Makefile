@@ -12,7 +12,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pidserve-installed
 
-.PHONY: install test lint serve clean default-model gpu-wheels
+.PHONY: install test lint imports serve clean default-model gpu-wheels
 
 install: $(STAMP)
 
@@ -24,9 +24,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --no-deps "tensorrt-stubs>=10.0"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) imports
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# import-linter's contracts (pyproject.toml [tool.importlinter]). grimp finds subpackages only
+# below their parent's folder, so it checks a copy laid out as the installed package is.
+IMPORTS_TREE := $(shell mktemp -d -u)/tree
+imports: $(STAMP)
+	mkdir -p $(IMPORTS_TREE)/pidserve
+	cp -r pidserve/. $(IMPORTS_TREE)/pidserve/
+	for d in model engines kernels bench training server; do cp -r $$d $(IMPORTS_TREE)/pidserve/$$d; done
+	cp pyproject.toml $(IMPORTS_TREE)/
+	cd $(IMPORTS_TREE) && PYTHONPATH=$(IMPORTS_TREE) $(abspath $(BIN))/lint-imports --no-cache
+	rm -rf $(dir $(IMPORTS_TREE))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
