@@ -421,7 +421,12 @@ def bench_x0_error(
     for path in checkpoints:
         if not path.is_file():
             raise fail(f"{path} does not exist")
-    nets = {path.name: load_checkpoint(path).eval() for path in checkpoints}
+    # Rows are named by file name, or by the path where two files share a name (teacher_ema.safetensors).
+    names = [path.name for path in checkpoints]
+    keys = names if len(set(names)) == len(names) else [str(path) for path in checkpoints]
+    if len(set(keys)) != len(keys):
+        raise fail("the same checkpoint is given twice")
+    nets = {key: load_checkpoint(path).eval() for key, path in zip(keys, checkpoints, strict=True)}
     setup = QualitySetup(
         photos, crop=crop, crops_per_photo=crops_per_photo, short_side=short_side, upscale=False
     )

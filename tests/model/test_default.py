@@ -118,3 +118,14 @@ def test_bench_x0_error_compares_checkpoints_at_each_time(tmp_path):
     assert 0 < per_t["0.5"] < per_t["0.999"]
     bad = CliRunner().invoke(app, [*args, "--times", "0.9,2"])
     assert bad.exit_code == 2 and "(0, 1]" in bad.output
+    # Two runs' teacher_ema.safetensors: same file name, so the rows are named by path.
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / DEFAULT_CHECKPOINT.name).write_bytes(DEFAULT_CHECKPOINT.read_bytes())
+    pair = [str(tmp_path / run / DEFAULT_CHECKPOINT.name) for run in ("a", "b")]
+    both = ["bench", "x0-error", *pair, "--photos", str(photos), "--crops-per-photo", "2", "--times", "0.5"]
+    result = CliRunner().invoke(app, [*both, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((out / "x0_error.json").read_text())) == set(pair)
+    twice = CliRunner().invoke(app, ["bench", "x0-error", pair[0], pair[0], "--photos", str(photos)])
+    assert twice.exit_code == 2 and "twice" in twice.output
