@@ -8,7 +8,7 @@ Sources (all redistributable; each file's source, licence and SHA-256 go into ma
 - scikit-image's bundled sample photos (public domain / CC0, per skimage.data docstrings).
 - scikit-learn's two sample photos, china.jpg and flower.jpg (CC BY 2.0), read from its wheel.
 
-Debian's plasma-workspace-wallpapers is never used: it is the project's reserved evaluation set.
+Only the packages listed in DEB_SOURCES are read.
 
 The split is fixed here, not random: HOLDOUT photos are never trained on and are what
 docs/quality.md measures. Building needs the network only to download the packages
@@ -91,9 +91,8 @@ DEB_SOURCES: tuple[DebPhotos, ...] = (
         "lomiri-",
     ),
 )
-# The packages this module reads (and the one it must never read).
+# The packages this module reads.
 PACKAGES = tuple(source.package for source in DEB_SOURCES)
-RESERVED_PACKAGE = "plasma-workspace-wallpapers"
 
 # skimage.data loader name -> licence, as stated in that function's docstring.
 SKIMAGE_PHOTOS: dict[str, str] = {
@@ -182,7 +181,6 @@ def build_photo_set(out_dir: Path, downloads: Path | None = None) -> list[PhotoR
         raise RuntimeError(f"holdout photos missing from the sources: {sorted(missing)}")
     manifest = {
         "sources": [*PACKAGES, "scikit-image", SKLEARN_WHEEL],
-        "never_used": RESERVED_PACKAGE,
         "photos": [asdict(r) for r in records],
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
