@@ -3,8 +3,65 @@
 engine.py (engine timing), http_run.py + http_load.py (load against a server on loopback), cascade.py
 (PiD against decode+bicubic and decode+diffusion SR), codecs.py (output encoders), decoder_quality.py +
 quality.py (image quality); stats.py, report.py and plots.py are shared by all of them.
+
+Public API (other folders use exactly these names), by command; a module's `markdown_table` is
+exported under its command's name (engine_table, ...):
+    engine     EngineTiming, time_engine, bench_engines, engine_table, write_engine_report
+    http       HttpPlan, StartedServer, run_http_bench
+    cascade    CascadeSetup, bench_cascade, add_quality, cascade_table, write_cascade_report
+    kernels    KernelSetup, bench_kernels, kernels_table, write_kernels_report
+    codecs     time_codecs, time_server_pool, codecs_table, codec_dicts
+    quality    QualitySetup, evaluate_decoders, quality_table, write_quality_report, x0_error_by_t,
+               x0_table
+    reports    command_line, write_report, PlotsUnavailable
 """
 
-from .engine import EngineTiming, markdown_table, time_engine
+from .cascade import CascadeSetup, add_quality, bench_cascade, write_cascade_report
+from .cascade import markdown_table as cascade_table
+from .codecs import as_dicts as codec_dicts
+from .codecs import markdown_table as codecs_table
+from .codecs import time_codecs, time_server_pool
+from .decoder_quality import QualitySetup, evaluate_decoders, x0_error_by_t, x0_table
+from .decoder_quality import markdown_table as quality_table
+from .decoder_quality import write_report as write_quality_report
+from .engine import EngineTiming, bench_engines, time_engine, write_engine_report
+from .engine import markdown_table as engine_table
+from .http_load import HttpPlan
+from .http_run import StartedServer, run_http_bench
+from .kernels import KernelSetup, bench_kernels, write_kernels_report
+from .kernels import markdown_table as kernels_table
+from .plots import PlotsUnavailable
+from .report import command_line, write_report
 
-__all__ = ["EngineTiming", "markdown_table", "time_engine"]
+__all__ = [
+    "CascadeSetup",
+    "EngineTiming",
+    "HttpPlan",
+    "KernelSetup",
+    "PlotsUnavailable",
+    "QualitySetup",
+    "StartedServer",
+    "add_quality",
+    "bench_cascade",
+    "bench_engines",
+    "bench_kernels",
+    "cascade_table",
+    "codec_dicts",
+    "codecs_table",
+    "command_line",
+    "engine_table",
+    "evaluate_decoders",
+    "kernels_table",
+    "quality_table",
+    "run_http_bench",
+    "time_codecs",
+    "time_engine",
+    "time_server_pool",
+    "write_cascade_report",
+    "write_engine_report",
+    "write_kernels_report",
+    "write_quality_report",
+    "write_report",
+    "x0_error_by_t",
+    "x0_table",
+]

@@ -32,9 +32,16 @@ import torch
 from tqdm import tqdm
 
 from pidserve.engines import DecodeBatch, StageTimer, open_engine
-from pidserve.model import PiDConfig, PiDNet, sample_teacher
-from pidserve.model.latents import get_latent_space
-from pidserve.model.vae_decoder import VAE_CONFIGS, VAEDecoder, load_vae_decoder
+from pidserve.model import (
+    VAE_CONFIGS,
+    PiDConfig,
+    PiDNet,
+    VAEDecoder,
+    get_latent_space,
+    load_default_autoencoder,
+    load_vae_decoder,
+    sample_teacher,
+)
 
 from . import plots, report
 from .stats import Summary, ratio
@@ -58,8 +65,6 @@ def latent_decoder(
     if latent_space == "tiny-ae":
         if weights is not None:
             raise ValueError("tiny-ae's decoder is the embedded default's; --vae is for flux1, sd3 and sdxl")
-        from pidserve.model.default import load_default_autoencoder
-
         return load_default_autoencoder(device), "tiny-ae decoder"
     if latent_space in VAE_CONFIGS:
         if weights is None:
@@ -289,8 +294,6 @@ def bench_cascade(net: PiDNet, setup: CascadeSetup) -> list[PipelineTiming]:
 
 def add_quality(rows: list[PipelineTiming], net: PiDNet, photos: Path, crops_per_photo: int = 6) -> None:
     """PSNR/SSIM/colour/spectral figures against held-out photos, for `pid` and `decode+bicubic`."""
-    from pidserve.model.default import load_default_autoencoder
-
     from .decoder_quality import QualitySetup, evaluate_decoders
 
     if net.cfg.latent_space != "tiny-ae":

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pidserve.server import image_encoders
+from pidserve.server import encode_fpng, encode_jpeg, encode_pillow_png, encode_webp
 
 log = logging.getLogger(__name__)
 
 
 def _pillow_png(level: int) -> Callable[[np.ndarray], bytes]:
-    return lambda pixels: image_encoders.encode_pillow_png(pixels, level)
+    return lambda pixels: encode_pillow_png(pixels, level)
 
 
 def _opencv_png(pixels: np.ndarray) -> bytes:
@@ -63,15 +63,15 @@ def _opencv_webp(pixels: np.ndarray) -> bytes:
 
 # name -> (format, encoder, module it needs). Optional ones are skipped, and said so, when not installed.
 CANDIDATES: dict[str, tuple[str, Callable[[np.ndarray], bytes], str | None]] = {
-    "fpng (served)": ("png", image_encoders.encode_fpng, "fpng"),
+    "fpng (served)": ("png", encode_fpng, "fpng"),
     "pillow png level 0": ("png", _pillow_png(0), None),
     "pillow png level 1": ("png", _pillow_png(1), None),
     "pillow png level 6 (default)": ("png", _pillow_png(6), None),
     "opencv png level 1": ("png", _opencv_png, "cv2"),
     "imagecodecs png level 1": ("png", _imagecodecs_png, "imagecodecs"),
-    "simplejpeg q90 (served)": ("jpeg", lambda p: image_encoders.encode_jpeg(p, 90), "simplejpeg"),
+    "simplejpeg q90 (served)": ("jpeg", lambda p: encode_jpeg(p, 90), "simplejpeg"),
     "pillow jpeg q90": ("jpeg", _pillow_jpeg, None),
-    "pillow webp q90 method 0 (served)": ("webp", lambda p: image_encoders.encode_webp(p, 90), None),
+    "pillow webp q90 method 0 (served)": ("webp", lambda p: encode_webp(p, 90), None),
     "opencv webp q90": ("webp", _opencv_webp, "cv2"),
 }
 
@@ -157,7 +157,7 @@ def time_codecs(
 
 def time_server_pool(photo: Path, sizes: list[int], repeat: int, workers: int) -> list[dict]:
     """The server's PNG path end to end: shared-memory hand-off to an fpng worker process and back."""
-    from pidserve.server.encoder_pool import EncoderPool
+    from pidserve.server import EncoderPool
 
     pool = EncoderPool(workers, png_encoder="fpng")
     try:

@@ -21,11 +21,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pidserve.model import PiDNet, sample, sample_teacher
-from pidserve.model.autoencoder import TinyAutoencoder
-from pidserve.model.default import decode_latent_cascade
-from pidserve.model.latents import LatentSpace, get_latent_space
-from pidserve.model.sampler import resolution_shift
+from pidserve.model import (
+    LatentSpace,
+    PiDNet,
+    TinyAutoencoder,
+    decode_latent_cascade,
+    get_latent_space,
+    resolution_shift,
+    sample,
+    sample_teacher,
+)
 
 from . import quality
 
@@ -47,7 +52,7 @@ class QualitySetup:
 
 def holdout_crops(setup: QualitySetup, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hr [N, 3, S, S], lr [N, 3, S/scale, S/scale]) in [-1, 1]: crops on a fixed grid per photo."""
-    from pidserve.training.data import degrade, grid_crops
+    from pidserve.training import degrade, grid_crops
 
     hr = grid_crops(setup.photos, setup.crop, setup.crops_per_photo, setup.short_side, setup.upscale)
     return hr, degrade(hr, scale)
@@ -176,7 +181,7 @@ def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
     Grid rows, top to bottom: the low-res input (pixels enlarged), bicubic, cascade, teacher (when
     measured), student, ground truth.
     """
-    from pidserve.training.loop import save_grid
+    from pidserve.training import save_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {k: result[k] for k in ("crops", "crop", "scale", "metrics", "ground_truth_blockiness")}

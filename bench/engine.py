@@ -22,8 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pidserve.engines import DecodeBatch, Engine, ShapeProfile, check_attention_backend, open_engine
-from pidserve.model import PiDConfig, PiDNet
-from pidserve.model.flops import decode_flops
+from pidserve.model import PiDConfig, PiDNet, decode_flops
 
 from . import plots, report
 from .stats import Summary

@@ -39,10 +39,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pidserve import kernels
 from pidserve.engines import RUNS_ON, SDPA_BACKENDS, attention_context
-from pidserve.kernels import postprocess, postprocess_reference, triton_available
-from pidserve.model import PiDConfig
-from pidserve.model.layers import RMSNorm, modulate
+from pidserve.model import PiDConfig, RMSNorm, modulate
 
 from . import report
 from .stats import Summary
@@ -85,7 +84,7 @@ class KernelSetup:
 def available_impls(operation: str, device: torch.device) -> tuple[str, ...]:
     """The implementations of `operation` that run on `device`."""
     if operation == "postprocess":
-        gpu_kernel = device.type == "cuda" and triton_available()
+        gpu_kernel = device.type == "cuda" and kernels.triton_available()
         return ("torch", "torch-compile", "triton") if gpu_kernel else ("torch", "torch-compile")
     if operation == "pixel-modulation":
         return ("torch", "torch-compile")
@@ -136,11 +135,11 @@ def _postprocess_case(setup: KernelSetup, device: torch.device) -> tuple[list[in
     g = torch.Generator(device=device).manual_seed(0)
     x = (torch.randn(setup.batch, 3, height, width, generator=g, device=device) * 0.6).to(setup.dtype)
     out = torch.empty(setup.batch, height, width, 3, dtype=torch.uint8, device=device)
-    compiled = torch.compile(postprocess_reference, dynamic=False)
+    compiled = torch.compile(kernels.postprocess_reference, dynamic=False)
     calls = {
-        "torch": lambda: postprocess_reference(x),
+        "torch": lambda: kernels.postprocess_reference(x),
         "torch-compile": lambda: compiled(x),
-        "triton": lambda: postprocess(x, out=out, impl="triton"),
+        "triton": lambda: kernels.postprocess(x, out=out, impl="triton"),
     }
     return list(x.shape), x.numel() * x.element_size() + out.numel(), calls
 

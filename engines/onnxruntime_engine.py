@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pidserve.kernels import postprocess
-from pidserve.model import PiDConfig
-from pidserve.model.sampler import student_steps, student_timesteps
+from pidserve import kernels
+from pidserve.model import PiDConfig, student_steps, student_timesteps
 
 from .base import (
     DecodeBatch,
@@ -113,7 +112,7 @@ class OnnxRuntimeEngine(Engine):
             draws = iter(noises)
             x0 = student_steps(velocity, draws.__next__, student_timesteps(batch.steps))
         with timer.stage("postprocess"):
-            images = postprocess(x0)
+            images = kernels.postprocess(x0)
         return DecodeResult(images=images, timings=timer.result())
 
 

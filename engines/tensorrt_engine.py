@@ -37,9 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pidserve.kernels import postprocess
-from pidserve.model import PiDConfig
-from pidserve.model.sampler import MAX_STUDENT_STEPS, student_steps, student_timesteps
+from pidserve import kernels
+from pidserve.model import MAX_STUDENT_STEPS, PiDConfig, student_steps, student_timesteps
 
 from .base import (
     DecodeBatch,
@@ -308,7 +307,7 @@ class StaticDecoder:
             return views["velocity"]
 
         x0 = student_steps(velocity, draw, student_timesteps(steps))
-        postprocess(x0, out=views["images"])
+        kernels.postprocess(x0, out=views["images"])
 
     def _capture_graph(self, capture: GraphCapture, size: int, steps: int) -> torch.cuda.CUDAGraph:
         log.info("capturing the %d-step decode at batch %d as a CUDA graph", steps, size)

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pidserve.kernels import postprocess
-from pidserve.model import Conditioning, PiDNet
-from pidserve.model.sampler import student_steps, student_timesteps
+from pidserve import kernels
+from pidserve.model import Conditioning, PiDNet, student_steps, student_timesteps
 
 from .attention import attention_context, check_attention_backend
 from .base import (
@@ -60,7 +59,7 @@ def decode_on_device(
         draws = iter(noises)
         x0 = student_steps(lambda x, t: velocity(x, t, cond), draws.__next__, student_timesteps(len(noises)))
     with _stage(timer, "postprocess"):
-        return postprocess(x0)
+        return kernels.postprocess(x0)
 
 
 def _stage(timer: StageTimer | None, name: str):

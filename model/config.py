@@ -3,6 +3,8 @@
 Field names are ours; `PiDConfig.from_official` maps the official constructor arguments
 (nv-tlabs/PiD `PidNet(**kwargs)`) onto them and refuses options no released model uses,
 so a config either builds exactly the official network or fails loudly.
+
+`parse_image_size` reads an output size written HEIGHTxWIDTH (every command and setting that takes one).
 """
 
 from __future__ import annotations
@@ -373,3 +375,15 @@ def ntk_theta(base: float, grid: int, ref_grid: int, rotary_dim: int) -> float:
     Computed in double precision (the caller rounds to float32), as the official code does.
     """
     return base * math.pow(grid / ref_grid, rotary_dim / (rotary_dim - 2))
+
+
+def parse_image_size(text: str, what: str = "the size") -> tuple[int, int]:
+    """'2048x1024' (HEIGHTxWIDTH) -> (2048, 1024): the one parser of output sizes (CLI, server settings).
+
+    Raises ValueError naming `what` (an option or setting) and the expected form.
+    """
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{what} must look like 2048x2048 (HEIGHTxWIDTH), got {text!r}") from None
+    return height, width

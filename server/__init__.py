@@ -2,34 +2,51 @@
 
 Public API (other folders use exactly these names):
     ServerSettings, create_app, run
+    the served image encoders and their process pool (what `bench codecs` times):
+        encode_fpng, encode_pillow_png, encode_jpeg, encode_webp, EncoderPool
 
-Imports are lazy so that the encoder pool's worker processes, which import `pidserve.server.encoder_pool`
-and `pidserve.server.image_encoders`, do not pay for FastAPI and torch.
+Imports are lazy (each name is imported on first use) so that the encoder pool's worker processes,
+which import `pidserve.server.encoder_pool` and `pidserve.server.image_encoders`, do not pay for
+FastAPI and torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import create_app
+    from .encoder_pool import EncoderPool
+    from .image_encoders import encode_fpng, encode_jpeg, encode_pillow_png, encode_webp
     from .runner import run
     from .settings import ServerSettings
 
-__all__ = ["ServerSettings", "create_app", "run"]
+# name -> the module of this folder that defines it
+_MODULES = {
+    "EncoderPool": "encoder_pool",
+    "ServerSettings": "settings",
+    "create_app": "app",
+    "encode_fpng": "image_encoders",
+    "encode_jpeg": "image_encoders",
+    "encode_pillow_png": "image_encoders",
+    "encode_webp": "image_encoders",
+    "run": "runner",
+}
+
+__all__ = [
+    "EncoderPool",
+    "ServerSettings",
+    "create_app",
+    "encode_fpng",
+    "encode_jpeg",
+    "encode_pillow_png",
+    "encode_webp",
+    "run",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "create_app":
-        from .app import create_app
-
-        return create_app
-    if name == "run":
-        from .runner import run
-
-        return run
-    if name == "ServerSettings":
-        from .settings import ServerSettings
-
-        return ServerSettings
-    raise AttributeError(name)
+    if name not in _MODULES:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)

@@ -39,7 +39,7 @@ class PromptEncoder:
         the transformers attention of the encoder (None: its default)."""
         if source is None:
             return cls(None, model_name=model_name)
-        from pidserve.model.text import TextEncoder
+        from pidserve.model import TextEncoder
 
         log.info(
             "loading text encoder %s on %s (attention: %s)", source, device, attn_implementation or "default"

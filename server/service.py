@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from pidserve.engines import DecodeBatch, EngineInputError
-from pidserve.model import MAX_STUDENT_STEPS, LatentError, get_latent_space
-from pidserve.model.latents import validate_sigma
+from pidserve.model import MAX_STUDENT_STEPS, LatentError, get_latent_space, validate_sigma
 
 from .batcher import DeadlineExceeded, EngineFailure, Job, JobResult, QueueFull
 from .errors import ApiError, too_large, unprocessable

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pidserve.model import parse_image_size
+
 OutputFormat = Literal["png", "jpeg", "webp", "raw", "safetensors"]
 
 
@@ -90,14 +92,7 @@ class ServerSettings(BaseSettings):
     def parsed_image_sizes(self) -> tuple[tuple[int, int], ...] | None:
         if not self.image_sizes:
             return None
-        sizes = []
-        for text in self.image_sizes:
-            try:
-                height, width = (int(v) for v in text.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"image sizes look like 2048x2048 (HEIGHTxWIDTH); got {text!r}") from None
-            sizes.append((height, width))
-        return tuple(sizes)
+        return tuple(parse_image_size(text, "an image size") for text in self.image_sizes)
 
     def resolved_api_key(self) -> bytes | None:
         """The API key (variable first, then the secret file), or None when auth is off."""

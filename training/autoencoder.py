@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pidserve.model.autoencoder import AutoencoderConfig, TinyAutoencoder, save_autoencoder
+from pidserve.model import AutoencoderConfig, TinyAutoencoder, save_autoencoder
 
 from .config import AutoencoderTrainConfig, config_dict
 from .data import CropSpec, PhotoCrops, degrade, grid_crops, make_loader

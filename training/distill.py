@@ -31,9 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pidserve.model import PiDNet, load_checkpoint, sample, save_checkpoint
-from pidserve.model.network import Conditioning
-from pidserve.model.sampler import FM_TIMESCALE, flow_noise, predict_x0, student_timesteps
+from pidserve.model import (
+    FM_TIMESCALE,
+    Conditioning,
+    PiDNet,
+    flow_noise,
+    load_checkpoint,
+    predict_x0,
+    sample,
+    save_checkpoint,
+    student_timesteps,
+)
 
 from .config import DistillTrainConfig, config_dict
 from .data import (

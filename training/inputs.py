@@ -14,9 +14,14 @@ from pathlib import Path
 
 import torch
 
-from pidserve.model import PiDConfig, get_latent_space
-from pidserve.model.autoencoder import TinyAutoencoder, latent_space_of, load_autoencoder
-from pidserve.model.sampler import shift_time
+from pidserve.model import (
+    PiDConfig,
+    TinyAutoencoder,
+    get_latent_space,
+    latent_space_of,
+    load_autoencoder,
+    shift_time,
+)
 
 from .data import LatentNoise, per_sample_uniform
 

@@ -18,9 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pidserve.model import PiDConfig, PiDNet, load_checkpoint, sample, sample_teacher, save_checkpoint
-from pidserve.model.network import to_patches
-from pidserve.model.sampler import FM_TIMESCALE, flow_noise, resolution_shift
+from pidserve.model import (
+    FM_TIMESCALE,
+    PiDConfig,
+    PiDNet,
+    flow_noise,
+    load_checkpoint,
+    resolution_shift,
+    sample,
+    sample_teacher,
+    save_checkpoint,
+    to_patches,
+)
 
 from .config import TeacherTrainConfig, config_dict
 from .data import LatentNoise, PhotoCrops, crop_spec, make_loader, per_sample_normal

@@ -59,8 +59,7 @@ def bench_engine(
     plots: PlotsOpt = True,
 ) -> None:
     """Time backends on one model, side by side: ms/image, stages, TFLOP/s, peak memory."""
-    from pidserve.bench import report
-    from pidserve.bench.engine import bench_engines, markdown_table, write_engine_report
+    from pidserve.bench import bench_engines, command_line, engine_table, write_engine_report
     from pidserve.engines import EngineConfigError, EngineInputError
 
     net = _bench_model(checkpoint, preset, variant)
@@ -80,13 +79,13 @@ def bench_engine(
         )
     except (EngineConfigError, EngineInputError) as exc:
         raise fail(exc) from None
-    typer.echo(markdown_table(rows))
+    typer.echo(engine_table(rows))
     _write_bench_report(
         write_engine_report,
         out or Path("bench/out/engine"),
         rows,
         with_plots=plots,
-        command=report.command_line(ctx),
+        command=command_line(ctx),
     )
 
 
@@ -139,9 +138,7 @@ def bench_http(
     """Load a decode server over HTTP: latency percentiles, images/s, batching, server-side breakdown."""
     import httpx
 
-    from pidserve.bench import report
-    from pidserve.bench.http_load import HttpPlan
-    from pidserve.bench.http_run import StartedServer, run_http_bench
+    from pidserve.bench import HttpPlan, StartedServer, command_line, run_http_bench
 
     out = out or Path("bench/out/http")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the table
@@ -175,7 +172,7 @@ def bench_http(
             server=server,
             api_key_file=api_key_file,
             with_plots=plots,
-            command=report.command_line(ctx),
+            command=command_line(ctx),
         )
     except (ValueError, KeyError, RuntimeError, OSError) as exc:  # the ones run_http_bench documents
         raise fail(exc) from None
@@ -214,12 +211,12 @@ def bench_cascade_cmd(
     plots: PlotsOpt = True,
 ) -> None:
     """PiD against decode+bicubic and decode+diffusion-SR: same device, same size, one run."""
-    from pidserve.bench import report
-    from pidserve.bench.cascade import (
+    from pidserve.bench import (
         CascadeSetup,
         add_quality,
         bench_cascade,
-        markdown_table,
+        cascade_table,
+        command_line,
         write_cascade_report,
     )
     from pidserve.engines import EngineConfigError
@@ -245,13 +242,13 @@ def bench_cascade_cmd(
             add_quality(rows, net, photos)
     except (ValueError, FileNotFoundError, EngineConfigError) as exc:
         raise fail(exc) from None
-    typer.echo(markdown_table(rows))
+    typer.echo(cascade_table(rows))
     _write_bench_report(
         write_cascade_report,
         out or Path("bench/out/cascade"),
         rows,
         with_plots=plots,
-        command=report.command_line(ctx),
+        command=command_line(ctx),
     )
 
 
@@ -285,8 +282,7 @@ def bench_kernels_cmd(
     """Hot spots: each implementation's time, GB/s against the bytes it must move, TFLOP/s for attention."""
     import torch
 
-    from pidserve.bench import report
-    from pidserve.bench.kernels import KernelSetup, bench_kernels, markdown_table, write_kernels_report
+    from pidserve.bench import KernelSetup, bench_kernels, command_line, kernels_table, write_kernels_report
     from pidserve.model import PiDConfig
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -302,9 +298,9 @@ def bench_kernels_cmd(
         rows = bench_kernels(setup, tuple(operations.split(",")), chosen)
     except ValueError as exc:
         raise fail(exc) from None
-    typer.echo(markdown_table(rows))
+    typer.echo(kernels_table(rows))
     _write_bench_report(
-        write_kernels_report, out or Path("bench/out/kernels"), rows, command=report.command_line(ctx)
+        write_kernels_report, out or Path("bench/out/kernels"), rows, command=command_line(ctx)
     )
 
 
@@ -320,22 +316,28 @@ def bench_codecs(
     out: OutOpt = None,
 ) -> None:
     """Time PNG/JPEG/WebP encoders at serving sizes, and whether they hold the GIL; Markdown table."""
-    from pidserve.bench import report
-    from pidserve.bench.codecs import as_dicts, markdown_table, time_codecs, time_server_pool
+    from pidserve.bench import (
+        codec_dicts,
+        codecs_table,
+        command_line,
+        time_codecs,
+        time_server_pool,
+        write_report,
+    )
 
     if not image.is_file():
         raise fail(f"{image} does not exist: run `pidserve data photos` or pass --image PATH")
     side = int_list("--sizes", sizes)
     rows = time_codecs(image, side, repeat)
     pool = time_server_pool(image, side, repeat, workers)
-    lines = [markdown_table(rows), ""]
+    lines = [codecs_table(rows), ""]
     for row in pool:
         lines.append(f"{row['path']} at {row['size']}²: {row['ms_median']:.1f} ms per image (round trip)")
     table = "\n".join(lines)
     typer.echo(table)
-    results = {"codecs": as_dicts(rows), "server_pool": pool}
-    written = report.write_report(
-        out or Path("bench/out/codecs"), "codecs", results, table, command=report.command_line(ctx)
+    results = {"codecs": codec_dicts(rows), "server_pool": pool}
+    written = write_report(
+        out or Path("bench/out/codecs"), "codecs", results, table, command=command_line(ctx)
     )
     typer.echo(f"wrote {written}, {written.with_suffix('.md')}", err=True)
 
@@ -362,9 +364,8 @@ def bench_quality(
     teacher_steps: Annotated[int, typer.Option(help="Euler steps of the teacher.")] = 32,
 ) -> None:
     """PSNR, SSIM, colour, detail, block grid: student vs teacher vs cascade (tiny-ae) vs bicubic."""
-    from pidserve.bench.decoder_quality import QualitySetup, evaluate_decoders, markdown_table, write_report
-    from pidserve.model import load_checkpoint
-    from pidserve.model.loading import load_tiny_autoencoder
+    from pidserve.bench import QualitySetup, evaluate_decoders, quality_table, write_quality_report
+    from pidserve.model import load_checkpoint, load_tiny_autoencoder
 
     net = load_model(student, None)
     if net.cfg.latent_space != "tiny-ae":
@@ -386,8 +387,8 @@ def bench_quality(
         result = evaluate_decoders(setup, net, teacher_net, ae, space=space)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(exc) from None
-    grid = write_report(result, out)
-    typer.echo(markdown_table(result["metrics"]))
+    grid = write_quality_report(result, out)
+    typer.echo(quality_table(result["metrics"]))
     typer.echo(f"ground-truth blockiness {result['ground_truth_blockiness']:.3f}")
     typer.echo(f"{result['crops']} crops; wrote {out / 'metrics.json'}, {out / 'table.md'}, {grid}")
 
@@ -408,9 +409,8 @@ def bench_x0_error(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write x0_error.json here.")] = None,
 ) -> None:
     """Held-out x0 error by diffusion time (teacher-forced): is a teacher worth distilling?"""
-    from pidserve.bench.decoder_quality import QualitySetup, x0_error_by_t, x0_table
-    from pidserve.model import load_checkpoint
-    from pidserve.model.loading import load_tiny_autoencoder
+    from pidserve.bench import QualitySetup, x0_error_by_t, x0_table
+    from pidserve.model import load_checkpoint, load_tiny_autoencoder
 
     try:
         parsed_times = tuple(float(t) for t in times.split(","))
@@ -462,7 +462,7 @@ def _bench_model(checkpoint: str | None, preset: str | None, variant: str | None
 
 def _write_bench_report(write, *args, **kwargs) -> list[Path]:
     """Call a bench/ report writer; a missing matplotlib becomes a clear CLI error. Says what it wrote."""
-    from pidserve.bench.plots import PlotsUnavailable
+    from pidserve.bench import PlotsUnavailable
 
     try:
         paths = write(*args, **kwargs)

@@ -71,8 +71,7 @@ def decode(
     from PIL import Image
 
     from pidserve.engines import DecodeBatch, EngineConfigError, EngineInputError, ShapeProfile, open_engine
-    from pidserve.model import LatentError, get_latent_space
-    from pidserve.model.latents import validate_sigma
+    from pidserve.model import LatentError, get_latent_space, validate_sigma
 
     net = load_model(checkpoint, variant)
     if latent_file.suffix.lower() in IMAGE_SUFFIXES:
@@ -156,7 +155,7 @@ def _encode_image_file(path: Path, checkpoint: str, net: PiDNet) -> torch.Tensor
     import numpy as np
     from PIL import Image
 
-    from pidserve.model.default import encode_image, load_default_autoencoder
+    from pidserve.model import encode_image, load_default_autoencoder
 
     if not path.is_file():
         raise fail(f"{path} does not exist")

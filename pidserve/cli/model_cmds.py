@@ -28,9 +28,14 @@ def convert(
     """Convert an official checkpoint into pidserve's format (safetensors + config metadata)."""
     import torch
 
-    from pidserve.model import CheckpointError, PiDConfig, load_checkpoint, save_checkpoint
-    from pidserve.model.checkpoints import read_checkpoint
-    from pidserve.model.info import matching_variants
+    from pidserve.model import (
+        CheckpointError,
+        PiDConfig,
+        load_checkpoint,
+        matching_variants,
+        read_checkpoint,
+        save_checkpoint,
+    )
 
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     if dtype not in dtypes:
@@ -65,10 +70,16 @@ def info(
     """Describe a checkpoint or preset: variant, parameters by part, dtype, FLOPs of one decode."""
     import torch
 
-    from pidserve.model import CheckpointError, PiDConfig, PiDNet
-    from pidserve.model.config import PRESETS, RELEASED_CHECKPOINTS
-    from pidserve.model.flops import decode_flops
-    from pidserve.model.info import describe_config, parameter_counts
+    from pidserve.model import (
+        PRESETS,
+        RELEASED_CHECKPOINTS,
+        CheckpointError,
+        PiDConfig,
+        PiDNet,
+        decode_flops,
+        describe_config,
+        parameter_counts,
+    )
 
     if list_presets:
         for name in PRESETS:
@@ -104,9 +115,7 @@ def _describe_file(checkpoint: Path, variant: str | None) -> tuple[dict[str, obj
     """(file, format, stored dtypes and, for official files, the fitting variants; the config)."""
     from collections import Counter
 
-    from pidserve.model import PiDConfig
-    from pidserve.model.checkpoints import read_checkpoint
-    from pidserve.model.info import matching_variants
+    from pidserve.model import PiDConfig, matching_variants, read_checkpoint
 
     raw = read_checkpoint(checkpoint)
     report: dict[str, object] = {

@@ -33,12 +33,13 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a reci
 
 
 def parse_size(size: str, option: str = "--size") -> tuple[int, int]:
-    """HEIGHTxWIDTH -> (height, width)."""
+    """HEIGHTxWIDTH -> (height, width): pidserve.model.parse_image_size, its error reported."""
+    from pidserve.model import parse_image_size
+
     try:
-        height, width = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise fail(f"{option} must look like 2048x2048 (HEIGHTxWIDTH), got {size!r}") from None
-    return height, width
+        return parse_image_size(size, option)
+    except ValueError as exc:
+        raise fail(exc) from None
 
 
 def int_list(option: str, value: str) -> list[int]:

@@ -32,7 +32,7 @@ def data_photos(
     ] = None,
 ) -> None:
     """Rebuild the embedded default's photo set (Debian wallpaper packages, scikit-image, scikit-learn)."""
-    from pidserve.training.photos import build_photo_set
+    from pidserve.training import build_photo_set
 
     try:
         records = build_photo_set(out, downloads)
@@ -45,8 +45,7 @@ def data_photos(
 @train_app.command("autoencoder")
 def train_autoencoder_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train tiny-ae on the low-res versions of photo crops."""
-    from pidserve.training.autoencoder import train_autoencoder
-    from pidserve.training.config import AutoencoderTrainConfig
+    from pidserve.training import AutoencoderTrainConfig, train_autoencoder
 
     _train(train_autoencoder, AutoencoderTrainConfig, config, set_)
 
@@ -54,8 +53,7 @@ def train_autoencoder_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None
 @train_app.command("teacher")
 def train_teacher_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train a PiD teacher with flow matching (velocity targets)."""
-    from pidserve.training.config import TeacherTrainConfig
-    from pidserve.training.teacher import train_teacher
+    from pidserve.training import TeacherTrainConfig, train_teacher
 
     _train(train_teacher, TeacherTrainConfig, config, set_)
 
@@ -63,8 +61,7 @@ def train_teacher_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @train_app.command("distill")
 def train_distill_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Distill a teacher into a 4-step student with DMD2."""
-    from pidserve.training.config import DistillTrainConfig
-    from pidserve.training.distill import train_distill
+    from pidserve.training import DistillTrainConfig, train_distill
 
     _train(train_distill, DistillTrainConfig, config, set_)
 
@@ -73,7 +70,7 @@ def _train(
     trainer: Callable[[Any], Path], config_class: type, config: Path | None, overrides: list[str] | None
 ):
     """Read the recipe (a bad key or value is reported, not raised), run `trainer`, say what it wrote."""
-    from pidserve.training.config import load_config
+    from pidserve.training import load_config
 
     try:
         cfg = load_config(config_class, config, overrides)
