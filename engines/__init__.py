@@ -6,7 +6,7 @@ for the factory's on-demand ONNX export of the onnxruntime backend (a model give
 
 Public API (other folders use exactly these names):
     Engine, EngineCapabilities, DecodeBatch, DecodeResult, EngineInputError, EngineConfigError,
-    ShapeProfile, StageTimer, BACKENDS, open_engine
+    ShapeProfile, StageTimer, BACKENDS, open_engine, MAX_SEED (seeds are 0..MAX_SEED everywhere)
     attention kernels: ATTENTION_BACKENDS, RUNS_ON, SDPA_BACKENDS, attention_context,
         check_attention_backend
     GPU classes and engine directories: GPU_CLASSES, GpuClass, batch_ladder, get_gpu_class,
@@ -15,6 +15,7 @@ Public API (other folders use exactly these names):
 
 from .attention import ATTENTION_BACKENDS, RUNS_ON, SDPA_BACKENDS, attention_context, check_attention_backend
 from .base import (
+    MAX_SEED,
     DecodeBatch,
     DecodeResult,
     Engine,
@@ -33,6 +34,7 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "BACKENDS",
     "GPU_CLASSES",
+    "MAX_SEED",
     "RUNS_ON",
     "SDPA_BACKENDS",
     "DecodeBatch",

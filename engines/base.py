@@ -23,6 +23,8 @@ import torch
 
 from pidserve.model import MAX_STUDENT_STEPS
 
+MAX_SEED = 2**63 - 1  # seeds are int64 on every path (DecodeBatch, the wire formats): 0 .. MAX_SEED
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -121,6 +123,8 @@ class EngineCapabilities:
                 f"sigmas and seeds must have shape [{n}]; "
                 f"got {list(batch.sigmas.shape)} and {list(batch.seeds.shape)}"
             )
+        if n and not 0 <= int(batch.seeds.min()) <= int(batch.seeds.max()) <= MAX_SEED:
+            raise EngineInputError(f"seeds must be integers in 0..{MAX_SEED}; got {batch.seeds.tolist()}")
         if batch.steps not in self.steps:
             raise EngineInputError(
                 f"steps={batch.steps} is not supported; this engine runs {list(self.steps)}"
@@ -229,18 +233,37 @@ def on_device(device: torch.device) -> AbstractContextManager:
 def seeded_noises(
     seeds: torch.Tensor, shape: tuple[int, ...], steps: int, device: torch.device
 ) -> list[torch.Tensor]:
-    """`steps` noise tensors of `shape` [B, ...]: sample i's draws come, in order, from a generator
-    seeded with seeds[i] on `device` — so a sample's pixels do not depend on its batch-mates."""
+    """`steps` noise tensors of `shape` [B, ...]: sample i's draws come, in order, from seeds[i]'s own
+    noise stream on `device` — so a sample's pixels do not depend on its batch-mates."""
     per_sample = []
     for seed in seeds.tolist():
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-        per_sample.append(
-            [
-                torch.randn((1, *shape[1:]), generator=generator, device=device, dtype=torch.float32)
-                for _ in range(steps)
-            ]
-        )
+        draw = _noise_stream(int(seed), (1, *shape[1:]), device)
+        per_sample.append([draw() for _ in range(steps)])
     return [torch.cat([draws[k] for draws in per_sample]) for k in range(steps)]
+
+
+def _noise_stream(seed: int, shape: tuple[int, ...], device: torch.device):
+    """A function returning the next standard-normal draw of `seed`'s stream.
+
+    The CPU generator (mt19937) keeps only the low 32 bits of its seed, so 5 and 5 + 2**32 would give
+    the same noise. A seed below 2**32 is one generator (the official sampler's noise, byte for byte);
+    a larger one adds a second generator seeded with its high 32 bits and mixes the two draws as
+    0.8 a + 0.6 b: still standard normal, and unequal weights keep seeds with swapped halves apart, so
+    every seed in 0 .. MAX_SEED has its own noise on every device."""
+    if not 0 <= seed <= MAX_SEED:
+        raise EngineInputError(f"seed {seed} is outside 0..{MAX_SEED}")
+    low = torch.Generator(device=device).manual_seed(seed & 0xFFFFFFFF)
+    high_bits = seed >> 32
+    if not high_bits:
+        return lambda: torch.randn(shape, generator=low, device=device, dtype=torch.float32)
+    high = torch.Generator(device=device).manual_seed(high_bits)
+
+    def mixed() -> torch.Tensor:
+        a = torch.randn(shape, generator=low, device=device, dtype=torch.float32)
+        b = torch.randn(shape, generator=high, device=device, dtype=torch.float32)
+        return 0.8 * a + 0.6 * b
+
+    return mixed
 
 
 def copy_to_host(pixels: torch.Tensor) -> torch.Tensor:

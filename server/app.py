@@ -15,18 +15,22 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from pidserve import __version__
 
 from . import kserve, kserve_models, v1
-from .errors import install_error_handlers
+from .errors import error_body, install_error_handlers
+from .http import check_api_key
 from .loader import EngineFactory, ModelLoader
 from .metrics import Metrics
 from .service import DecodeService
 from .settings import ServerSettings
 
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("pidserve.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -50,17 +54,30 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.monotonic()
         status = 500
+        response_started = False
 
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # The one error path for what no handler expected: the documented JSON body, the request id,
+            # and (by not re-raising) the connection kept alive for the client's next pooled request.
+            log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if response_started:
+                raise  # half a response is on the wire: the server must close the connection
+            message = f"internal error (request id {request_id}); the server log has the details"
+            body = json.dumps(error_body(scope["path"], "internal_error", message)).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": headers})
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             seconds = time.monotonic() - started
             route = getattr(scope.get("route"), "path", "other")
@@ -108,11 +125,15 @@ def create_app(
             if exporter is not None:
                 exporter.shutdown()
 
+    # The schema and docs pages are routes of ours (below), so that an API key guards them too.
     app = FastAPI(
         title="pidserve",
         version=__version__,
         description="PiD pixel diffusion decoder: latents in, high-resolution pixels out.",
         lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.loader = loader
     app.state.service = DecodeService(loader)
@@ -128,9 +149,28 @@ def create_app(
         metrics.queue_depth.set(loader.batcher.depth if loader.batcher else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(RequestContext, metrics=metrics)
     app.openapi = lambda: _openapi_with_model_name(app, loader.name)  # type: ignore[method-assign]
+    _add_docs_routes(app)
+    app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+def _add_docs_routes(app: FastAPI) -> None:
+    """/openapi.json, /docs (Swagger UI) and /redoc, behind the API key when the server has one (a
+    browser sends no key, so with a key set the pages are for clients that send the header)."""
+    guarded = [Depends(check_api_key)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guarded)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guarded)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 def _openapi_with_model_name(app: FastAPI, name: str) -> dict:

@@ -6,7 +6,8 @@ as `max_batch` of them are there or the delay is over. Jobs of other shapes wait
 
     event loop                               worker thread (one per engine/device)
     submit(jobs) -> 429 when full  ──queue──> next batch -> drop cancelled / expired jobs -> engine.decode
-    await job.future (deadline)    <─futures─ set_result per job | set_exception for the whole failed batch
+    await job.future (deadline)    <─futures─ set_result per job; a failed batch is retried latent by latent,
+                                              so only a latent that fails alone gets set_exception
 
 Nothing here runs on the event loop except `submit`, which only appends under a lock.
 """
@@ -55,6 +56,9 @@ class Job:
     deadline: float  # time.monotonic() by which the job must have started
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
+    # Why the future was cancelled, for the dropped-jobs metric: the service sets "deadline" or
+    # "client_closed" before it cancels; anything else that cancels counts as "cancelled".
+    drop_reason: str = "cancelled"
 
     @property
     def key(self) -> tuple:
@@ -192,7 +196,7 @@ class Batcher:
         live = []
         for job in group:
             if not job.future.set_running_or_notify_cancel():
-                self.on_drop("cancelled")  # the client went away or its deadline passed while queued
+                self.on_drop(job.drop_reason)  # the client went away or its deadline passed while queued
             elif job.deadline < now:
                 job.future.set_exception(
                     DeadlineExceeded("the request's deadline passed while it was queued")
@@ -202,26 +206,40 @@ class Batcher:
                 live.append(job)
         if not live:
             return
-        batch = DecodeBatch(
-            latents=torch.stack([job.latent for job in live]),
-            sigmas=torch.tensor([job.sigma for job in live], dtype=torch.float32),
-            seeds=torch.tensor([job.seed for job in live], dtype=torch.int64),
-            text=None if live[0].text is None else torch.stack([job.text for job in live]),
-            steps=live[0].steps,
-        )
+        try:
+            self._decode(engine, live)
+        except Exception as exc:
+            if len(live) == 1:
+                live[0].future.set_exception(EngineFailure(f"the engine failed on this latent: {exc}"))
+                return
+            # One bad latent must not fail its batch-mates (other clients' requests): decode each alone,
+            # so only the jobs that fail by themselves fail.
+            for job in live:
+                try:
+                    self._decode(engine, [job])
+                except Exception as alone:
+                    job.future.set_exception(EngineFailure(f"the engine failed on this latent: {alone}"))
+
+    def _decode(self, engine: Engine, jobs: list[Job]) -> None:
+        """Decode `jobs` as one batch and resolve their futures; raises (futures untouched) on failure."""
         start = time.monotonic()
         try:
+            batch = DecodeBatch(
+                latents=torch.stack([job.latent for job in jobs]),
+                sigmas=torch.tensor([job.sigma for job in jobs], dtype=torch.float32),
+                seeds=torch.tensor([job.seed for job in jobs], dtype=torch.int64),
+                text=None if jobs[0].text is None else torch.stack([job.text for job in jobs]),
+                steps=jobs[0].steps,
+            )
             result = engine.decode(batch)
-        except Exception as exc:
-            log.exception("engine %s failed on a batch of %d", engine.backend, len(live))
-            self.on_batch(BatchStats(len(live), time.monotonic() - start, failed=True))
-            for job in live:
-                job.future.set_exception(EngineFailure(f"the engine failed on this batch: {exc}"))
-            return
+        except Exception:
+            log.exception("engine %s failed on a batch of %d", engine.backend, len(jobs))
+            self.on_batch(BatchStats(len(jobs), time.monotonic() - start, failed=True))
+            raise
         compute_s = time.monotonic() - start
         self._mean_batch_s = (
             compute_s if not self._mean_batch_s else 0.8 * self._mean_batch_s + 0.2 * compute_s
         )
-        self.on_batch(BatchStats(len(live), compute_s, failed=False))
-        for job, image in zip(live, result.images, strict=True):
-            job.future.set_result(JobResult(image, start - job.enqueued, compute_s, len(live)))
+        self.on_batch(BatchStats(len(jobs), compute_s, failed=False))
+        for job, image in zip(jobs, result.images, strict=True):
+            job.future.set_result(JobResult(image, start - job.enqueued, compute_s, len(jobs)))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 from fastapi import Request
@@ -37,13 +38,26 @@ def too_large(message: str) -> ApiError:
     return ApiError(413, message)
 
 
+def client_closed() -> ApiError:
+    """499 (nginx's code): the client went away; nobody reads the response, the logs and metrics do."""
+    return ApiError(499, "the client closed the connection", code="client_closed")
+
+
+def error_body(path: str, code: str, message: str) -> dict:
+    """The JSON error body of a route: the Open Inference Protocol's form under /v2, ours elsewhere."""
+    return {"error": message} if path.startswith("/v2") else {"error": {"code": code, "message": message}}
+
+
 def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None):
-    body: object = (
-        {"error": message}
-        if request.url.path.startswith("/v2")
-        else {"error": {"code": code, "message": message}}
-    )
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(request.url.path, code, message), status_code=status, headers=headers)
+
+
+def ascii_integer(text: str | None) -> int | None:
+    """A header's non-negative integer, or None unless it is 1-19 ASCII digits (str.isdigit accepts
+    '²' and other Unicode digits, which int() then refuses)."""
+    if text is None or not re.fullmatch(r"[0-9]{1,19}", text.strip()):
+        return None
+    return int(text)
 
 
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:

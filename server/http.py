@@ -6,21 +6,25 @@ import hmac
 import zlib
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
-from .errors import ApiError, bad_request, too_large
+from .errors import ApiError, ascii_integer, bad_request, client_closed, too_large
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it exceeds `limit` bytes (gzip/deflate decoded)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(f"the body is {int(declared)} bytes; the limit is {limit} bytes")
+    declared = ascii_integer(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
+        raise too_large(f"the body is {declared} bytes; the limit is {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"the body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise client_closed() from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):

@@ -37,10 +37,11 @@ from pydantic_core import PydanticCustomError
 
 from pidserve.model import MAX_STUDENT_STEPS
 
-from .errors import ApiError, bad_request, unprocessable
+from .errors import ApiError, ascii_integer, bad_request, unprocessable
 
 # Wire datatypes -> numpy dtype, for the inputs we accept.
 NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+MAX_DIMS = 8  # no input has more than 4; numpy itself stops at 64
 INVALID = "invalid_input"  # the error type of the messages written here (said as they are)
 
 
@@ -77,7 +78,9 @@ class TensorParameters(BaseModel):
 class _InputTensor(BaseModel):
     name: str
     datatype: str
-    shape: list[Annotated[StrictInt, Field(ge=0)]] = Field(description="Dimensions, e.g. [1, 16, 32, 32].")
+    shape: list[Annotated[StrictInt, Field(ge=0)]] = Field(
+        max_length=MAX_DIMS, description="Dimensions, e.g. [1, 16, 32, 32]."
+    )
     data: list | None = Field(None, description="The values in row-major order (flat or nested).")
     parameters: TensorParameters | None = None
 
@@ -96,8 +99,17 @@ class _InputTensor(BaseModel):
             array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
             offset += size
         elif self.data is not None:
+            kinds = (int,) if datatype.startswith("INT") else (int, float)
+            values = _flatten(self.data, max(len(shape), 1))
+            # type() rather than isinstance: JSON true/false are bools, which isinstance counts as int
+            if values is None or any(type(value) not in kinds for value in values):
+                kind = "integers" if kinds == (int,) else "numbers"
+                raise unprocessable(
+                    f"input {name!r}: data must be {kind} of type {datatype}, "
+                    f"flat or nested at most {len(shape)} deep"
+                )
             try:
-                array = np.asarray(self.data, dtype=dtype)
+                array = np.asarray(values, dtype=dtype)
             except (TypeError, ValueError, OverflowError):
                 raise unprocessable(f"input {name!r}: data must be numbers of type {datatype}") from None
             if array.size != count:
@@ -106,6 +118,24 @@ class _InputTensor(BaseModel):
         else:
             raise unprocessable(f"input {name!r} has neither data nor parameters.binary_data_size")
         return array.astype(dtype.newbyteorder("="), copy=True), offset
+
+
+def _flatten(data: list, depth: int) -> list | None:
+    """Nested lists -> their values in row-major order; None when nested deeper than `depth`."""
+    if depth < 1:
+        return None
+    if not any(isinstance(item, list) for item in data):
+        return data
+    values: list = []
+    for item in data:
+        if not isinstance(item, list):
+            values.append(item)
+            continue
+        inner = _flatten(item, depth - 1)
+        if inner is None:
+            return None
+        values.extend(inner)
+    return values
 
 
 class LatentInput(_InputTensor):
@@ -227,12 +257,13 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     if header_length is None:
         head, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        length = ascii_integer(header_length)
+        if length is None or length > len(body):
             raise bad_request(
                 f"Inference-Header-Content-Length {header_length!r} must be the byte length of the JSON "
                 f"header, at most the body's {len(body)} bytes"
             )
-        head, binary = body[: int(header_length)], body[int(header_length) :]
+        head, binary = body[:length], body[length:]
     try:
         return InferRequest.model_validate_json(head), binary
     except ValidationError as exc:

@@ -19,6 +19,7 @@ import binascii
 import io
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
+
+from pidserve.engines import MAX_SEED
 
 from .errors import ApiError, bad_request, unprocessable
 
@@ -62,7 +65,7 @@ def read_latent_body(content_type: str | None, body: bytes, headers: Mapping[str
     if kind == NPY:
         return LatentPayload(_as_latent(_from_npy(body), "the .npy array"))
     if kind == RAW:
-        return LatentPayload(_from_raw(body, headers.get("x-latent-shape"), headers.get("x-latent-dtype")))
+        return LatentPayload(_from_raw(body, headers))
     if kind == JSON:
         return _from_json(body)
     raise ApiError(
@@ -74,8 +77,11 @@ def read_latent_body(content_type: str | None, body: bytes, headers: Mapping[str
 
 
 def _as_latent(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    if not tensor.is_floating_point():
-        raise unprocessable(f"{what} has dtype {tensor.dtype}; latents are float32, float16 or bfloat16")
+    if tensor.dtype not in LATENT_DTYPES.values():
+        hint = " (convert it: x.astype(np.float32) or x.float())" if tensor.dtype == torch.float64 else ""
+        raise unprocessable(
+            f"{what} has dtype {tensor.dtype}; latents are float32, float16 or bfloat16{hint}"
+        )
     if tensor.ndim == 3:
         tensor = tensor[None]
     if tensor.ndim != 4:
@@ -83,13 +89,19 @@ def _as_latent(tensor: torch.Tensor, what: str) -> torch.Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
-def _small_tensor(value: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+# Tensor dtypes a body's sigma and seed may have: numbers, never bool; seeds signed (a uint64 2**64-1
+# would wrap to -1 in int64).
+SIGMA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SEED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _small_tensor(value: torch.Tensor, name: str, allowed: tuple[torch.dtype, ...], dtype: torch.dtype):
     if value.ndim > 1:
         raise unprocessable(f"'{name}' must be a scalar or a [B] vector; got shape {list(value.shape)}")
-    if dtype.is_floating_point and not value.is_floating_point() and value.dtype != torch.bool:
-        value = value.to(torch.float32)
-    if not dtype.is_floating_point and value.is_floating_point():
-        raise unprocessable(f"'{name}' must hold integers; got dtype {value.dtype}")
+    if value.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        kind = "numbers" if dtype.is_floating_point else "integers"
+        raise unprocessable(f"'{name}' must hold {kind} ({names}); got dtype {value.dtype}")
     return value.to(dtype)
 
 
@@ -110,58 +122,89 @@ def _from_safetensors(body: bytes) -> LatentPayload:
     seed = tensors.get("seed")
     return LatentPayload(
         _as_latent(tensors["latent"], "tensor 'latent'"),
-        None if sigma is None else _small_tensor(sigma, "sigma", torch.float32),
-        None if seed is None else _small_tensor(seed, "seed", torch.int64),
+        None if sigma is None else _small_tensor(sigma, "sigma", SIGMA_DTYPES, torch.float32),
+        None if seed is None else _small_tensor(seed, "seed", SEED_DTYPES, torch.int64),
     )
 
 
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
 def _from_npy(body: bytes) -> torch.Tensor:
+    """One .npy array. Its header is read first, so a header declaring more bytes than the body holds
+    (a 238 GiB array in a 100-byte body) is refused before anything is allocated."""
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = np.lib.format.read_magic(stream)
+        read_header = _NPY_HEADER_READERS.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} (np.save writes 1.0)")
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        kind = "an .npz archive" if body.startswith(b"PK") else "not a plain .npy array"
+        raise bad_request(f"the body is {kind} ({exc}); send one array saved with np.save") from None
+    if dtype.hasobject:
         raise bad_request(
-            f"the body is not a plain .npy array ({exc}); save it with np.save, no pickles"
-        ) from None
-    if not isinstance(array, np.ndarray):
-        raise bad_request("the body is an .npz archive; send one .npy array")
-    if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
-        raise unprocessable(f"the .npy array has dtype {array.dtype}; latents are float32 or float16")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")))
+            "the .npy array holds Python objects; send a float32 array (pickles are never read)"
+        )
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4):
+        hint = " (convert it: x.astype(np.float32))" if dtype.kind == "f" else ""
+        raise unprocessable(f"the .npy array has dtype {dtype}; latents are float32 or float16{hint}")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(body) - stream.tell():
+        raise bad_request(
+            f"the .npy header declares {list(shape)} {dtype} ({expected} bytes) but the body holds "
+            f"{len(body) - stream.tell()} bytes of data"
+        )
+    array = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    array = array.reshape(shape, order="F" if fortran_order else "C")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype.newbyteorder("=")))
 
 
 def _parse_shape(text: str | None, header: str) -> list[int]:
     if not text:
         raise bad_request(f"raw latents need the {header} header, e.g. '{header}: 1,16,32,32'")
-    try:
-        shape = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
-    except ValueError:
-        raise bad_request(
-            f"{header} must be comma-separated integers like 1,16,32,32; got {text!r}"
-        ) from None
+    if not re.fullmatch(r"[0-9]{1,9}([,x][0-9]{1,9}){0,7}", text.replace(" ", "")):
+        raise bad_request(f"{header} must be comma-separated integers like 1,16,32,32; got {text!r}")
+    return [int(part) for part in re.split("[,x]", text.replace(" ", ""))]
+
+
+def _from_raw(body: bytes, headers: Mapping[str, str]) -> torch.Tensor:
+    shape = _parse_shape(headers.get("x-latent-shape"), "X-Latent-Shape")
+    dtype_text = headers.get("x-latent-dtype")
+    return _from_bytes(
+        body, shape, "float32" if dtype_text is None else dtype_text, "X-Latent-Shape", "X-Latent-Dtype"
+    )
+
+
+def _from_bytes(
+    body: bytes, shape: list[int], dtype_text: str, shape_name: str, dtype_name: str
+) -> torch.Tensor:
+    """Little-endian tensor bytes of `shape` and dtype `dtype_text`; the names are the fields or
+    headers that carried them, for the messages."""
     if not 3 <= len(shape) <= 4 or min(shape) < 1:
-        raise unprocessable(f"{header} {text!r} is not a latent shape [B, C, h, w] or [C, h, w]")
-    return shape
-
-
-def _from_raw(body: bytes, shape_text: str | None, dtype_text: str | None) -> torch.Tensor:
-    shape = _parse_shape(shape_text, "X-Latent-Shape")
-    dtype_name = (dtype_text or "float32").strip().lower()
-    if dtype_name not in LATENT_DTYPES:
-        raise unprocessable(f"X-Latent-Dtype {dtype_text!r} is not one of {', '.join(LATENT_DTYPES)}")
-    dtype = LATENT_DTYPES[dtype_name]
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raise unprocessable(f"{shape_name} {shape} is not a latent shape [B, C, h, w] or [C, h, w]")
+    dtype = LATENT_DTYPES.get(dtype_text.strip().lower())
+    if dtype is None:
+        raise unprocessable(f"{dtype_name} {dtype_text!r} is not one of {', '.join(LATENT_DTYPES)}")
+    expected = math.prod(shape) * dtype.itemsize
     if len(body) != expected:
         raise unprocessable(
-            f"X-Latent-Shape {shape} in {dtype_name} is {expected} bytes; the body has {len(body)} bytes"
+            f"{shape_name} {shape} in {dtype_text} is {expected} bytes; the data has {len(body)} bytes"
         )
     tensor = torch.frombuffer(bytearray(body), dtype=dtype).reshape(shape)
-    return _as_latent(tensor, "the raw latent")
+    return _as_latent(tensor, "the latent")
 
 
 def _from_json(body: bytes) -> LatentPayload:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise bad_request("the JSON body is nested too deeply; a latent is at most 4 lists deep") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer of more than 4300 digits
         raise bad_request(f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or "latent" not in document:
         raise unprocessable('the JSON body must be an object with a "latent" field')
@@ -193,7 +236,9 @@ def _from_base64(field: dict) -> torch.Tensor:
     if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
         raise unprocessable('"latent.shape" must be a list of integers like [1, 16, 32, 32]')
     dtype = field.get("dtype", "float32")
-    return _from_raw(raw, ",".join(map(str, shape)) or None, dtype if isinstance(dtype, str) else None)
+    if not isinstance(dtype, str):
+        raise unprocessable(f'"latent.dtype" must be one of {", ".join(LATENT_DTYPES)}')
+    return _from_bytes(raw, shape, dtype, '"latent.shape"', '"latent.dtype"')
 
 
 def _from_nested_list(value: list, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -211,5 +256,12 @@ def _json_scalar_or_list(value: object, name: str, dtype: torch.dtype) -> torch.
     if not all(isinstance(v, valid) and not isinstance(v, bool) for v in numbers):
         kind = "numbers" if dtype.is_floating_point else "integers"
         raise unprocessable(f'"{name}" must be one of {kind} or a list of them; got {value!r}')
+    if not dtype.is_floating_point and not all(0 <= v <= MAX_SEED for v in numbers):
+        raise unprocessable(f'"{name}" values are integers in 0..{MAX_SEED}; got {_short(value)}')
     tensor = _from_nested_list(numbers, name, dtype)
     return tensor if isinstance(value, list) else tensor.reshape(())
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -26,11 +26,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pidserve.engines import DecodeBatch, EngineInputError
+from pidserve.engines import MAX_SEED, DecodeBatch, EngineInputError
 from pidserve.model import MAX_STUDENT_STEPS, LatentError, get_latent_space, validate_sigma
 
 from .batcher import DeadlineExceeded, EngineFailure, Job, JobResult, QueueFull
-from .errors import ApiError, too_large, unprocessable
+from .errors import ApiError, client_closed, too_large, unprocessable
 from .loader import ModelInfo, ModelLoader
 from .settings import OutputFormat
 
@@ -193,6 +193,9 @@ class DecodeService:
         disconnected: Callable[[], Awaitable[None]] | None,
     ) -> list[JobResult]:
         waiting = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
+        # Once abandoned, `waiting` may still end with a job's exception: retrieve it, so asyncio does not
+        # log "_GatheringFuture exception was never retrieved" for every 504 and 499.
+        waiting.add_done_callback(lambda future: future.cancelled() or future.exception())
         watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         try:
             done, _ = await asyncio.wait(
@@ -201,11 +204,13 @@ class DecodeService:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if waiting not in done:
+                gone = watcher is not None and watcher in done
                 for job in jobs:
+                    job.drop_reason = "client_closed" if gone else "deadline"
                     job.future.cancel()  # not yet running: the worker drops it before compute
                 waiting.cancel()
-                if watcher is not None and watcher in done:
-                    raise ApiError(499, "the client closed the connection", code="client_closed")
+                if gone:
+                    raise client_closed()
                 raise ApiError(
                     504, f"the decode did not finish within {timeout:g} s", code="deadline_exceeded"
                 )
@@ -236,14 +241,21 @@ class DecodeService:
 
 
 def _seeds(seeds: torch.Tensor | int | None, count: int) -> list[int]:
-    """One seed per latent: given, seed + i from one, or random + i."""
+    """One seed per latent: given, seed + i from one, or random + i; every one in 0..MAX_SEED."""
     if seeds is None:
         base = int(torch.randint(0, 2**31 - 1, ()).item())
         return [base + i for i in range(count)]
-    if isinstance(seeds, int):
-        return [seeds + i for i in range(count)]
-    if seeds.ndim == 0:
-        return [int(seeds) + i for i in range(count)]
-    if seeds.shape != (count,):
+    one_seed = not isinstance(seeds, torch.Tensor) or seeds.ndim == 0
+    if one_seed:
+        given = [int(seeds) + i for i in range(count)]
+    elif seeds.shape == (count,):
+        given = [int(s) for s in seeds.tolist()]
+    else:
         raise unprocessable(f"seed must be one integer or {count} of them; got shape {list(seeds.shape)}")
-    return [int(s) for s in seeds.tolist()]
+    bad = [seed for seed in given if not 0 <= seed <= MAX_SEED]
+    if bad:
+        why = f"; latent i uses seed + i, so one seed for {count} latents is at most {MAX_SEED - count + 1}"
+        raise unprocessable(
+            f"seeds are integers in 0..{MAX_SEED}; got {bad[0]}" + (why if one_seed and count > 1 else "")
+        )
+    return given

@@ -82,6 +82,14 @@ class ServerSettings(BaseSettings):
     graceful_shutdown_s: float = Field(30.0, ge=0)
     log_level: str = "info"
 
+    @field_validator("api_key")
+    @classmethod
+    def _not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty PIDSERVE_API_KEY (a template left blank, a missing secret) must not turn auth off.
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("the API key is set but empty; unset PIDSERVE_API_KEY to serve without a key")
+        return key
+
     @field_validator("batch_sizes")
     @classmethod
     def _sorted_positive(cls, sizes: list[int] | None) -> list[int] | None:
@@ -96,8 +104,8 @@ class ServerSettings(BaseSettings):
 
     def resolved_api_key(self) -> bytes | None:
         """The API key (variable first, then the secret file), or None when auth is off."""
-        if self.api_key is not None and self.api_key.get_secret_value():
-            return self.api_key.get_secret_value().encode()
+        if self.api_key is not None:
+            return self.api_key.get_secret_value().strip().encode()
         if self.api_key_file is not None:
             try:
                 key = self.api_key_file.read_text().strip()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BeforeValidator
 
+from pidserve.engines import MAX_SEED
 from pidserve.model import MAX_STUDENT_STEPS
 
 from . import request_codecs
@@ -16,6 +19,16 @@ from .image_encoders import MEDIA_TYPES, multipart
 from .loader import ModelLoader
 from .service import DecodeRequest, DecodeService
 from .settings import OutputFormat
+
+
+def _digits_only(value: object) -> object:
+    """Query integers as digits only: pydantic alone reads '2.0' as 2 and '²' fails late."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,19}", value):
+        raise ValueError("must be a whole number written in digits, e.g. 4")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_digits_only)]
 
 router = APIRouter(dependencies=[Depends(check_api_key)], tags=["decode"])
 
@@ -75,16 +88,16 @@ async def decode(
         float | None, Query(ge=0, le=1, description="The latent's noise level (0 = clean).")
     ] = None,
     seed: Annotated[
-        int | None, Query(ge=0, lt=2**62, description="Noise seed; latent i uses seed + i.")
+        WholeNumber | None, Query(ge=0, le=MAX_SEED, description="Noise seed; latent i uses seed + i.")
     ] = None,
     steps: Annotated[
-        int, Query(ge=1, le=MAX_STUDENT_STEPS, description="Student steps.")
+        WholeNumber, Query(ge=1, le=MAX_STUDENT_STEPS, description="Student steps.")
     ] = MAX_STUDENT_STEPS,
     prompt: Annotated[
         str | None, Query(max_length=4000, description="Text for text-conditioned models.")
     ] = None,
     format: Annotated[OutputFormat | None, Query(description="Output format (default: png).")] = None,
-    quality: Annotated[int | None, Query(ge=1, le=100, description="JPEG/WebP quality.")] = None,
+    quality: Annotated[WholeNumber | None, Query(ge=1, le=100, description="JPEG/WebP quality.")] = None,
     timeout: Annotated[float | None, Query(gt=0, le=3600, description="Deadline in seconds.")] = None,
 ) -> Response:
     """Decode a latent (or a small batch) into image(s)."""

@@ -79,7 +79,7 @@ def test_deadline_gives_504_and_queued_work_is_dropped(gated) -> None:
     assert held[0].status_code == 200
     time.sleep(0.2)
     metrics = httpx.get(f"{gated.url}/metrics").text
-    assert 'pidserve_dropped_total{reason="cancelled"} 1.0' in metrics
+    assert 'pidserve_dropped_total{reason="deadline"} 1.0' in metrics  # expired in the queue, not "cancelled"
     assert GATED_SEED in gated.engine.seen_seeds
     assert 9 not in gated.engine.seen_seeds  # the expired request never reached the engine
 
