@@ -5,6 +5,11 @@ writes a PNG in ~18 ms where Pillow/zlib level 1 takes ~270 ms and Pillow's defa
 holds the GIL (two threads run no faster than one), so it runs in worker processes, fed through shared
 memory (one copy in, the PNG bytes back). JPEG (simplejpeg), WebP (Pillow, method 0) and Pillow's zlib
 PNG release the GIL (two threads ~1.5-2x one) and run in threads.
+
+A worker process can die (OOM-killed, crashed); ProcessPoolExecutor then marks the whole pool broken and
+fails every encode on it, for good. The pool notices (BrokenProcessPool), builds a fresh set of processes
+once per breakage, and retries the encode once; if that cannot be done, `failure` says why and readiness
+turns false (loader.py), so the orchestrator restarts the pod.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from multiprocessing import shared_memory
 
@@ -44,18 +51,27 @@ def _warm(_: int) -> int:
     return 0
 
 
+class EncoderUnavailable(Exception):
+    """The encoder processes died and could not be rebuilt (`EncoderPool.failure` says why)."""
+
+
 class EncoderPool:
     """`await pool.encode(images, fmt, quality)` -> bytes per image (one for raw/safetensors)."""
 
     def __init__(self, workers: int, png_encoder: str = "fpng", png_level: int = 1) -> None:
         self.png_encoder = png_encoder
         self.png_level = png_level
-        self.threads: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
-        # spawn, not fork: the server process holds threads (torch, the event loop) that fork would copy.
-        self.processes = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
-        )
         self.workers = workers
+        self.threads: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
+        self.processes = self._start_processes()
+        self.generation = 0  # +1 per rebuild: concurrent encodes that saw one breakage rebuild once
+        self.rebuilds = 0
+        self.failure: str | None = None  # set when a rebuild failed: the pool cannot recover
+        self._rebuild_lock = threading.Lock()
+
+    def _start_processes(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the server process holds threads (torch, the event loop) that fork would copy.
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
 
     def warmup(self) -> None:
         """Start the fpng processes now (ProcessPoolExecutor starts them on first use otherwise)."""
@@ -86,10 +102,41 @@ class EncoderPool:
         try:
             np.ndarray(pixels.shape, dtype=np.uint8, buffer=block.buf)[...] = pixels
             job = partial(_encode_shared, block.name, tuple(pixels.shape))
-            return await loop.run_in_executor(self.processes, job)
+            for attempt in range(2):
+                if self.failure is not None:
+                    raise EncoderUnavailable(self.failure)
+                pool, generation = self.processes, self.generation
+                try:
+                    return await loop.run_in_executor(pool, job)
+                except BrokenProcessPool:
+                    if attempt:
+                        raise EncoderUnavailable(
+                            "an encoder process died again right after a rebuild"
+                        ) from None
+                    log.warning("an encoder process died; rebuilding the pool and retrying the image once")
+                    await asyncio.to_thread(self._rebuild, generation)
+            raise AssertionError("unreachable")
         finally:
             block.close()
             block.unlink()
+
+    def _rebuild(self, broken_generation: int) -> None:
+        """Replace the broken process pool (once, however many encodes saw it break) and warm it up."""
+        with self._rebuild_lock:
+            if self.generation != broken_generation:
+                return  # another encode already rebuilt it
+            self.processes.shutdown(wait=False, cancel_futures=True)
+            try:
+                self.processes = self._start_processes()
+                self.warmup()
+            except Exception as exc:
+                self.failure = (
+                    f"the PNG encoder processes could not be restarted: {type(exc).__name__}: {exc}"
+                )
+                log.exception("encoder pool rebuild failed: the service reports not ready")
+                raise EncoderUnavailable(self.failure) from None
+            self.generation += 1
+            self.rebuilds += 1
 
     def close(self) -> None:
         self.threads.shutdown(wait=True)

@@ -154,7 +154,9 @@ class ModelLoader:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        """Serving, with an encoder pool that has not failed to recover (a dead encoder process is
+        replaced on the next encode; only a failed replacement makes the service unready)."""
+        return self.state == "ready" and self.encoders.failure is None
 
     def start(self) -> None:
         self.state = "loading"
@@ -169,6 +171,8 @@ class ModelLoader:
     def require_ready(self) -> ModelInfo:
         """The model's info, or a 503 that says why it cannot serve yet."""
         if self.state == "ready" and self.info is not None:
+            if self.encoders.failure is not None:
+                raise ApiError(503, self.encoders.failure, code="encoder_unavailable")
             return self.info
         message = {
             "starting": "the model is loading; retry shortly",

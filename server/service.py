@@ -30,6 +30,7 @@ from pidserve.engines import MAX_SEED, DecodeBatch, EngineInputError
 from pidserve.model import MAX_STUDENT_STEPS, LatentError, get_latent_space, validate_sigma
 
 from .batcher import DeadlineExceeded, EngineFailure, Job, JobResult, QueueFull
+from .encoder_pool import EncoderUnavailable
 from .errors import ApiError, client_closed, too_large, unprocessable
 from .loader import ModelInfo, ModelLoader
 from .settings import OutputFormat
@@ -234,7 +235,10 @@ class DecodeService:
         if fmt == TENSOR:
             return [np.ascontiguousarray(images).tobytes()], {}
         start = time.monotonic()
-        bodies = await self.loader.encoders.encode(images, fmt, quality)
+        try:
+            bodies = await self.loader.encoders.encode(images, fmt, quality)
+        except EncoderUnavailable as exc:
+            raise ApiError(503, str(exc), code="encoder_unavailable") from None
         seconds = time.monotonic() - start
         self.metrics.encode_seconds.labels(fmt).observe(seconds)
         return bodies, {"encode": seconds}

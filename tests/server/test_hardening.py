@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -402,3 +403,48 @@ def test_item_9_seeds_differ_in_their_high_bits() -> None:
     assert torch.equal(seeded_noises(torch.tensor([5]), (1, 3, 4, 4), 1, torch.device("cpu"))[0],
                        torch.randn((1, 3, 4, 4), generator=generator))  # fmt: skip
     assert pixels(MAX_SEED).shape == low.shape
+
+
+# ---- item 1: a dead PNG encoder process is replaced; a pool that cannot recover makes us unready -----
+def _encoder_pids(live) -> list[int]:
+    # ProcessPoolExecutor keeps its processes in a private dict: the test needs real pids to kill.
+    return list(live.loader.encoders.processes._processes)
+
+
+def _png(live) -> httpx.Response:
+    body = save_safetensors({"latent": latent()})
+    return httpx.post(f"{live.url}/v1/decode", content=body, headers=ST, params={"format": "png"}, timeout=60)
+
+
+def test_item_1_killed_png_encoder_is_replaced_and_unrecoverable_pool_is_unready(monkeypatch) -> None:
+    import os
+    import signal
+
+    with live_server(encode_workers=2) as live:
+        assert _png(live).status_code == 200
+        for _ in range(2):  # killed twice: each breakage is healed by the next encode
+            pids = _encoder_pids(live)
+            assert pids
+            os.kill(pids[0], signal.SIGKILL)
+            time.sleep(0.5)
+            with ThreadPoolExecutor(3) as clients:
+                results = list(clients.map(lambda _: _png(live), range(3)))
+            assert [r.status_code for r in results] == [200, 200, 200]
+            assert all(r.content.startswith(b"\x89PNG") for r in results)
+            assert set(_encoder_pids(live)).isdisjoint(pids)
+            assert httpx.get(f"{live.url}/v2/health/ready").status_code == 200
+        assert live.loader.encoders.rebuilds == 2
+
+        def cannot_start():
+            raise OSError("no more processes")
+
+        monkeypatch.setattr(live.loader.encoders, "_start_processes", cannot_start)
+        os.kill(_encoder_pids(live)[0], signal.SIGKILL)
+        time.sleep(0.5)
+        _assert_documented_error(_png(live), 503, "could not be restarted")
+        assert httpx.get(f"{live.url}/v2/health/ready").status_code == 503
+        jpeg = httpx.post(
+            f"{live.url}/v1/decode", content=save_safetensors({"latent": latent()}), headers=ST,
+            params={"format": "jpeg"}, timeout=60,
+        )  # fmt: skip
+        assert jpeg.status_code == 503  # not ready: the pod is to be restarted, not half-used
