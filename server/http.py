@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import zlib
 
@@ -31,7 +32,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
-    return _inflate(body, encoding, limit)
+    return await asyncio.to_thread(_inflate, body, encoding, limit)  # up to `limit` bytes of inflating
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:

@@ -10,19 +10,19 @@ its length in `Inference-Header-Content-Length`, then the image bytes. Errors us
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
 from pidserve import __version__
 
 from .errors import ApiError
 from .http import check_api_key, disconnect_watcher, read_body, server_timing
-from .kserve_models import INFER_BODY, parse_infer_request
+from .kserve_models import INFER_BODY, InferRequest, parse_infer_request
 from .loader import ModelLoader
 from .service import TENSOR, DecodeRequest, DecodeService
 
@@ -93,8 +93,8 @@ async def infer(request: Request, name: str) -> Response:
     service: DecodeService = request.app.state.service
     service.require_ready()
     body = await read_body(request, loader.settings.max_body_bytes)
-    infer_request, binary = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-    tensors = infer_request.tensors(binary)
+    # Off the event loop: a large JSON body takes seconds to parse, and health must still answer.
+    infer_request, tensors = await asyncio.to_thread(_parse, body, request.headers.get(HEADER_LENGTH))
     params = infer_request.params
     outcome = await service.decode(
         DecodeRequest(
@@ -119,12 +119,26 @@ async def infer(request: Request, name: str) -> Response:
         "X-Batch-Size": ",".join(map(str, outcome.batch_sizes)),
     }
     if not infer_request.wants_binary:
-        output["data"] = np.frombuffer(raw, dtype=np.uint8).tolist()
-        return JSONResponse(response, headers=headers)
+        return Response(
+            await asyncio.to_thread(_json_with_data, response, output, raw),
+            media_type="application/json",
+            headers=headers,
+        )
     output["parameters"] = {"binary_data_size": len(raw)}
     head = json.dumps(response).encode()
     headers[HEADER_LENGTH] = str(len(head))
     return Response(head + raw, media_type="application/octet-stream", headers=headers)
+
+
+def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, torch.Tensor]]:
+    infer_request, binary = parse_infer_request(body, header_length)
+    return infer_request, infer_request.tensors(binary)
+
+
+def _json_with_data(response: dict, output: dict, raw: bytes) -> bytes:
+    """The response as JSON with the image as a list of numbers (12 M of them at 2048²: seconds)."""
+    output["data"] = np.frombuffer(raw, dtype=np.uint8).tolist()
+    return json.dumps(response).encode()
 
 
 # The same routes with an explicit version (only VERSION exists; `_model` checks the path segment).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Annotated
@@ -105,7 +106,10 @@ async def decode(
     service = _service(request)
     service.require_ready(latent_space)
     body = await read_body(request, service.settings.max_body_bytes)
-    payload = request_codecs.read_latent_body(request.headers.get("content-type"), body, request.headers)
+    # Off the event loop: a large JSON or npy body takes seconds to parse, and health must still answer.
+    payload = await asyncio.to_thread(
+        request_codecs.read_latent_body, request.headers.get("content-type"), body, request.headers
+    )
     if payload.sigma is not None and sigma is not None:
         raise unprocessable("sigma is given both in the body and in the query; give it once")
     if payload.seed is not None and seed is not None:

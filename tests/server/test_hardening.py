@@ -448,3 +448,41 @@ def test_item_1_killed_png_encoder_is_replaced_and_unrecoverable_pool_is_unready
             params={"format": "jpeg"}, timeout=60,
         )  # fmt: skip
         assert jpeg.status_code == 503  # not ready: the pod is to be restarted, not half-used
+
+
+# ---- item 5: parsing a body never stalls the event loop -------------------------------------------
+@pytest.mark.parametrize("route", ["v1", "v2"])
+def test_item_5_health_answers_while_a_body_is_parsed(server, monkeypatch, route) -> None:
+    """The parser is held mid-parse (standing in for a 58 MB JSON body that takes seconds); liveness
+    must answer meanwhile, which it cannot if parsing runs on the event loop."""
+    from pidserve.server import kserve, request_codecs
+
+    module, name = (request_codecs, "read_latent_body") if route == "v1" else (kserve, "parse_infer_request")
+    parse = getattr(module, name)
+    parsing, release = threading.Event(), threading.Event()
+
+    def slow_parse(*args, **kwargs):
+        parsing.set()
+        release.wait(timeout=30)
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, slow_parse)
+    body, headers = (
+        (save_safetensors({"latent": latent()}), ST)
+        if route == "v1"
+        else (_v2_body([_latent_input(latent())]), JSON)
+    )
+    results: list[httpx.Response] = []
+    big = threading.Thread(
+        target=lambda: results.append((_v1 if route == "v1" else _v2)(server, body, headers)), daemon=True
+    )
+    big.start()
+    try:
+        assert parsing.wait(timeout=30)
+        live = httpx.get(f"{server.url}/v2/health/live", timeout=5)  # times out if the loop is blocked
+        assert live.status_code == 200
+        assert not release.is_set() and big.is_alive()  # answered while the parse was still held
+    finally:
+        release.set()
+        big.join(timeout=60)
+    assert results[0].status_code == 200, results[0].text[:200]
