@@ -5,8 +5,8 @@ quantization, the TensorRT build) are separate: run-time modules never import bu
 for the factory's on-demand ONNX export of the onnxruntime backend (a model given, no export).
 
 Public API (other folders use exactly these names):
-    Engine, EngineCapabilities, DecodeBatch, DecodeResult, EngineInputError, EngineConfigError,
-    ShapeProfile, StageTimer, BACKENDS, open_engine, MAX_SEED (seeds are 0..MAX_SEED everywhere)
+    Engine, EngineCapabilities, DecodeBatch, DecodeResult, DecodeAbandoned, EngineInputError,
+    EngineConfigError, ShapeProfile, StageTimer, BACKENDS, open_engine, MAX_SEED (seeds: 0..MAX_SEED)
     attention kernels: ATTENTION_BACKENDS, RUNS_ON, SDPA_BACKENDS, attention_context,
         check_attention_backend
     GPU classes and engine directories: GPU_CLASSES, GpuClass, batch_ladder, get_gpu_class,
@@ -16,6 +16,7 @@ Public API (other folders use exactly these names):
 from .attention import ATTENTION_BACKENDS, RUNS_ON, SDPA_BACKENDS, attention_context, check_attention_backend
 from .base import (
     MAX_SEED,
+    DecodeAbandoned,
     DecodeBatch,
     DecodeResult,
     Engine,
@@ -37,6 +38,7 @@ __all__ = [
     "MAX_SEED",
     "RUNS_ON",
     "SDPA_BACKENDS",
+    "DecodeAbandoned",
     "DecodeBatch",
     "DecodeResult",
     "Engine",

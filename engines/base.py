@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class DecodeAbandoned(Exception):
+    """The decode stopped between sampler steps because `DecodeBatch.abandoned` said so."""
 
 
 class EngineInputError(ValueError):
@@ -52,6 +56,11 @@ class DecodeBatch:
     seeds: torch.Tensor
     text: torch.Tensor | None = None
     steps: int = 4
+    # Asked between sampler steps by the backends that run step by step (torch eager, torch-compile
+    # off CUDA, onnxruntime): True when nobody waits for any of the batch's images any more (deadline
+    # passed, client gone), and the decode stops with DecodeAbandoned. A CUDA-graph replay (torch-compile
+    # on CUDA, TensorRT) is one launch and cannot stop part-way: it asks once, before it starts.
+    abandoned: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -75,6 +84,23 @@ class DecodeBatch:
             text=text,
             steps=steps,
         )
+
+
+def stop_if_abandoned(batch: DecodeBatch) -> None:
+    if batch.abandoned is not None and batch.abandoned():
+        raise DecodeAbandoned("every image of this batch was abandoned (deadline passed or client gone)")
+
+
+def stoppable(velocity: Callable, batch: DecodeBatch) -> Callable:
+    """`velocity`, asking `batch.abandoned` before every step (the first included)."""
+    if batch.abandoned is None:
+        return velocity
+
+    def step(*args, **kwargs):
+        stop_if_abandoned(batch)
+        return velocity(*args, **kwargs)
+
+    return step
 
 
 @dataclass

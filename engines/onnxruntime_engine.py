@@ -26,6 +26,7 @@ from .base import (
     ShapeProfile,
     StageTimer,
     seeded_noises,
+    stoppable,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class OnnxRuntimeEngine(Engine):
 
         with timer.stage("steps"):
             draws = iter(noises)
-            x0 = student_steps(velocity, draws.__next__, student_timesteps(batch.steps))
+            x0 = student_steps(stoppable(velocity, batch), draws.__next__, student_timesteps(batch.steps))
         with timer.stage("postprocess"):
             images = kernels.postprocess(x0)
         return DecodeResult(images=images, timings=timer.result())

@@ -52,6 +52,7 @@ from .base import (
     on_device,
     padded_batch_size,
     seeded_noises,
+    stop_if_abandoned,
     warmup_text_tokens,
 )
 from .cuda_graphs import GraphCapture
@@ -418,6 +419,7 @@ class TensorRTEngine(Engine):
 
     def decode(self, batch: DecodeBatch) -> DecodeResult:
         self._caps.check(batch)
+        stop_if_abandoned(batch)  # one graph replay: it can only be skipped before it starts
         return self._decoder.decode(batch)
 
     def warmup(self, text_tokens: int | None = None) -> None:

@@ -28,6 +28,8 @@ from .base import (
     on_device,
     padded_batch_size,
     seeded_noises,
+    stop_if_abandoned,
+    stoppable,
     warmup_text_tokens,
 )
 from .cuda_graphs import GraphCapture
@@ -170,7 +172,7 @@ class TorchEngine(Engine):
                 noises = seeded_noises(batch.seeds, (batch.size, 3, height, width), batch.steps, self.device)
             # Compilation and graph capture happen inside _compute, so they see the attention choice too.
             with on_device(self.device), attention_context(self.attention_backend):
-                pixels = self._compute(latents, sigmas, noises, text, timer)
+                pixels = self._compute(latents, sigmas, noises, text, timer, batch)
             with timer.stage("d2h"):
                 images = copy_to_host(pixels[:n])
         return DecodeResult(images=images, timings=timer.result())
@@ -182,8 +184,12 @@ class TorchEngine(Engine):
         noises: list[torch.Tensor],
         text: torch.Tensor | None,
         timer: StageTimer,
+        batch: DecodeBatch,
     ) -> torch.Tensor:
-        return decode_on_device(self.net, latents, sigmas, noises, text, timer=timer)
+        """The decode on the device; eager, so it stops between steps when `batch.abandoned` says so."""
+        return decode_on_device(
+            self.net, latents, sigmas, noises, text, stoppable(self.net.velocity, batch), timer
+        )
 
 
 def _pad(batch: DecodeBatch, size: int) -> DecodeBatch:
@@ -196,7 +202,9 @@ def _pad(batch: DecodeBatch, size: int) -> DecodeBatch:
         return torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
 
     text = None if batch.text is None else grow(batch.text)
-    return DecodeBatch(grow(batch.latents), grow(batch.sigmas), grow(batch.seeds), text, batch.steps)
+    return DecodeBatch(
+        grow(batch.latents), grow(batch.sigmas), grow(batch.seeds), text, batch.steps, batch.abandoned
+    )
 
 
 @dataclass
@@ -267,9 +275,12 @@ class TorchCompileEngine(TorchEngine):
         noises: list[torch.Tensor],
         text: torch.Tensor | None,
         timer: StageTimer,
+        batch: DecodeBatch,
     ) -> torch.Tensor:
         if self._capture is None:  # not on CUDA: no graphs, the compiled network runs step by step
-            return decode_on_device(self.net, latents, sigmas, noises, text, self.velocity, timer)
+            velocity = stoppable(self.velocity, batch)
+            return decode_on_device(self.net, latents, sigmas, noises, text, velocity, timer)
+        stop_if_abandoned(batch)  # one graph replay: it can only be skipped before it starts
         key = (tuple(latents.shape), len(noises), None if text is None else tuple(text.shape))
         captured = self._graphs.get(key) or self._capture_decode(
             self._capture, key, latents, sigmas, noises, text

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pidserve.engines import DecodeBatch, Engine
+from pidserve.engines import DecodeAbandoned, DecodeBatch, Engine
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class Job:
     # Why the future was cancelled, for the dropped-jobs metric: the service sets "deadline" or
     # "client_closed" before it cancels; anything else that cancels counts as "cancelled".
     drop_reason: str = "cancelled"
+    # Set by the service when nobody waits for the result any more (its deadline passed or its client
+    # left) while the job may already be computing: a batch whose jobs are all abandoned stops between
+    # sampler steps where the engine can (engines/base.py, DecodeBatch.abandoned).
+    abandoned: bool = False
 
     @property
     def key(self) -> tuple:
@@ -208,6 +212,8 @@ class Batcher:
             return
         try:
             self._decode(engine, live)
+        except DecodeAbandoned:
+            self._abandon(live)
         except Exception as exc:
             if len(live) == 1:
                 live[0].future.set_exception(EngineFailure(f"the engine failed on this latent: {exc}"))
@@ -217,8 +223,16 @@ class Batcher:
             for job in live:
                 try:
                     self._decode(engine, [job])
+                except DecodeAbandoned:
+                    self._abandon([job])
                 except Exception as alone:
                     job.future.set_exception(EngineFailure(f"the engine failed on this latent: {alone}"))
+
+    def _abandon(self, jobs: list[Job]) -> None:
+        """The engine stopped part-way: nobody waits for these jobs (the service already answered)."""
+        for job in jobs:
+            self.on_drop(job.drop_reason)
+            job.future.set_exception(DeadlineExceeded("abandoned during compute"))
 
     def _decode(self, engine: Engine, jobs: list[Job]) -> None:
         """Decode `jobs` as one batch and resolve their futures; raises (futures untouched) on failure."""
@@ -230,8 +244,11 @@ class Batcher:
                 seeds=torch.tensor([job.seed for job in jobs], dtype=torch.int64),
                 text=None if jobs[0].text is None else torch.stack([job.text for job in jobs]),
                 steps=jobs[0].steps,
+                abandoned=lambda: all(job.abandoned for job in jobs),
             )
             result = engine.decode(batch)
+        except DecodeAbandoned:
+            raise
         except Exception:
             log.exception("engine %s failed on a batch of %d", engine.backend, len(jobs))
             self.on_batch(BatchStats(len(jobs), time.monotonic() - start, failed=True))

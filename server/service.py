@@ -121,14 +121,9 @@ class DecodeService:
                 f"{count} latents in one request; the limit is {settings.max_request_latents} "
                 "(split the batch over several requests)"
             )
-        height, width = (int(n) * info.output_scale for n in latents.shape[-2:])
-        if count * height * width > settings.max_output_pixels:
-            raise too_large(
-                f"the request would produce {count} x {height}x{width} = {count * height * width} pixels; "
-                f"the limit is {settings.max_output_pixels} per request"
-            )
         if request.steps not in info.steps:
             raise unprocessable(f"steps={request.steps} is not served; choose one of {list(info.steps)}")
+        self._check_cost(count, latents.shape[-2:], request.steps, info)
         try:
             sigma = 0.0 if request.sigmas is None else request.sigmas
             if isinstance(sigma, torch.Tensor) and sigma.ndim == 0:
@@ -140,6 +135,26 @@ class DecodeService:
         self.loader.prompts.check(request.prompt)
         self._probe(latents[:1], sigmas[:1], seeds[:1], request.steps)
         return sigmas, seeds
+
+    def _check_cost(self, count: int, latent_hw, steps: int, info: ModelInfo) -> None:
+        """The request-cost model: output pixels (memory) and pixels x steps (compute), per request."""
+        limits = self.settings.request_limits()
+        height, width = (int(n) * info.output_scale for n in latent_hw)
+        pixels = count * height * width
+        what = f"{count} x {height}x{width}" if count > 1 else f"{height}x{width}"
+        where = f"on {info.device} ({info.precision})"
+        if pixels > limits.output_pixels:
+            raise too_large(
+                f"the request would produce {what} = {pixels:,} pixels; this server allows "
+                f"{limits.output_pixels:,} per request {where} (--max-output-pixels / "
+                "PIDSERVE_MAX_OUTPUT_PIXELS); send fewer or smaller latents"
+            )
+        if pixels * steps > limits.pixel_steps:
+            raise too_large(
+                f"the request costs {what} pixels x {steps} steps = {pixels * steps:,} pixel-steps; this "
+                f"server allows {limits.pixel_steps:,} per request {where} (--max-pixel-steps / "
+                "PIDSERVE_MAX_PIXEL_STEPS); send fewer or smaller latents, or fewer steps"
+            )
 
     def _probe(self, latent: torch.Tensor, sigma: torch.Tensor, seed: list[int], steps: int) -> None:
         """The engine's own check on one latent with the text every request carries (an engine built
@@ -193,6 +208,7 @@ class DecodeService:
         timeout: float,
         disconnected: Callable[[], Awaitable[None]] | None,
     ) -> list[JobResult]:
+        limit = self.settings.request_timeout_s
         waiting = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
         # Once abandoned, `waiting` may still end with a job's exception: retrieve it, so asyncio does not
         # log "_GatheringFuture exception was never retrieved" for every 504 and 499.
@@ -208,13 +224,12 @@ class DecodeService:
                 gone = watcher is not None and watcher in done
                 for job in jobs:
                     job.drop_reason = "client_closed" if gone else "deadline"
+                    job.abandoned = True  # computing: the engine stops between steps where it can
                     job.future.cancel()  # not yet running: the worker drops it before compute
                 waiting.cancel()
                 if gone:
                     raise client_closed()
-                raise ApiError(
-                    504, f"the decode did not finish within {timeout:g} s", code="deadline_exceeded"
-                )
+                raise ApiError(504, _deadline_message(timeout, limit), code="deadline_exceeded")
             results = waiting.result()
         except DeadlineExceeded as exc:
             raise ApiError(504, str(exc), code="deadline_exceeded") from None
@@ -242,6 +257,15 @@ class DecodeService:
         seconds = time.monotonic() - start
         self.metrics.encode_seconds.labels(fmt).observe(seconds)
         return bodies, {"encode": seconds}
+
+
+def _deadline_message(timeout: float, limit: float) -> str:
+    if timeout < limit:
+        return f"the decode did not finish within the request's deadline of {timeout:g} s"
+    return (
+        f"the decode did not finish within {timeout:g} s, this server's limit (--request-timeout-s / "
+        "PIDSERVE_REQUEST_TIMEOUT_S); send fewer or smaller latents, or raise the limit"
+    )
 
 
 def _seeds(seeds: torch.Tensor | int | None, count: int) -> list[int]:

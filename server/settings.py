@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,25 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pidserve.model import parse_image_size
 
 OutputFormat = Literal["png", "jpeg", "webp", "raw", "safetensors"]
+
+
+class RequestLimits(NamedTuple):
+    output_pixels: int  # pixels of all of a request's images together: what its decode holds in memory
+    pixel_steps: int  # output pixels x sampler steps summed over the request: what its decode computes
+
+
+# The request-cost defaults, per device type and precision: what one request may make the worker do.
+# CPU: this project's 2-core machine decodes about 0.16 M pixel-steps per second with pid-tiny and holds
+# ~0.8 GB per output megapixel, so a request at the limit (e.g. one 1448x1448 image, 4 steps) finishes
+# inside the 60 s default deadline in ~3.5 GB. CUDA: 16 images of 2048x2048 at 4 steps (bf16, fp8; a few
+# seconds on an H100-class GPU); fp32 runs several times slower, a quarter of that.
+LIMITS: dict[tuple[str, str], RequestLimits] = {
+    ("cpu", "fp32"): RequestLimits(output_pixels=2**22, pixel_steps=2**23),
+    ("cpu", "bf16"): RequestLimits(output_pixels=2**22, pixel_steps=2**23),
+    ("cuda", "fp32"): RequestLimits(output_pixels=2**26, pixel_steps=2**26),
+    ("cuda", "bf16"): RequestLimits(output_pixels=2**26, pixel_steps=2**28),
+    ("cuda", "fp8"): RequestLimits(output_pixels=2**26, pixel_steps=2**28),
+}
 
 
 class ServerSettings(BaseSettings):
@@ -54,7 +73,14 @@ class ServerSettings(BaseSettings):
 
     # ---- limits ----
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
-    max_output_pixels: int = Field(4096 * 4096 * 4, ge=1, description="Total output pixels per request.")
+    max_output_pixels: int | None = Field(
+        None, ge=1, description="Output pixels per request (memory); default per device (LIMITS)."
+    )
+    max_pixel_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Output pixels x sampler steps per request (compute); default per device and precision.",
+    )
     max_request_latents: int = Field(16, ge=1, description="Latents in one request.")
 
     # ---- encoding ----
@@ -101,6 +127,15 @@ class ServerSettings(BaseSettings):
         if not self.image_sizes:
             return None
         return tuple(parse_image_size(text, "an image size") for text in self.image_sizes)
+
+    def request_limits(self) -> RequestLimits:
+        """The per-request limits: the flags where given, else LIMITS for this device and precision."""
+        device_type = self.device.split(":")[0]
+        default = LIMITS.get((device_type, self.precision), LIMITS[("cpu", "fp32")])
+        return RequestLimits(
+            output_pixels=self.max_output_pixels or default.output_pixels,
+            pixel_steps=self.max_pixel_steps or default.pixel_steps,
+        )
 
     def resolved_api_key(self) -> bytes | None:
         """The API key (variable first, then the secret file), or None when auth is off."""

@@ -173,7 +173,8 @@ async def models(request: Request) -> dict:
         ],
         "limits": {
             "max_body_bytes": settings.max_body_bytes,
-            "max_output_pixels": settings.max_output_pixels,
+            "max_output_pixels": settings.request_limits().output_pixels,
+            "max_pixel_steps": settings.request_limits().pixel_steps,
             "max_request_latents": settings.max_request_latents,
             "max_queue_size": settings.max_queue_size,
             "request_timeout_s": settings.request_timeout_s,

@@ -39,6 +39,13 @@ def serve(
     max_queue_delay_ms: Annotated[float | None, typer.Option(help="Batching delay.")] = None,
     max_queue_size: Annotated[int | None, typer.Option(help="Queued latents before 429.")] = None,
     request_timeout_s: Annotated[float | None, typer.Option(help="Default and largest deadline.")] = None,
+    max_output_pixels: Annotated[
+        int | None, typer.Option(help="Output pixels per request (default per device: docs/serving.md).")
+    ] = None,
+    max_pixel_steps: Annotated[
+        int | None, typer.Option(help="Output pixels x steps per request (default per device and precision).")
+    ] = None,
+    max_request_latents: Annotated[int | None, typer.Option(help="Latents in one request (16).")] = None,
     encode_workers: Annotated[int | None, typer.Option(help="Encoder pool size (default: cores).")] = None,
     png_encoder: Annotated[str | None, typer.Option(help="fpng | pillow")] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="File holding the API key.")] = None,
@@ -57,7 +64,9 @@ def serve(
         "attention_backend": attention_backend, "max_batch": max_batch,
         "batch_sizes": batch_size or None, "image_sizes": image_size or None, "text_encoder": text_encoder,
         "max_queue_delay_ms": max_queue_delay_ms, "max_queue_size": max_queue_size,
-        "request_timeout_s": request_timeout_s, "encode_workers": encode_workers, "png_encoder": png_encoder,
+        "request_timeout_s": request_timeout_s, "max_output_pixels": max_output_pixels,
+        "max_pixel_steps": max_pixel_steps, "max_request_latents": max_request_latents,
+        "encode_workers": encode_workers, "png_encoder": png_encoder,
         "api_key_file": api_key_file, "host": host, "port": port, "metrics_port": metrics_port,
     }  # fmt: skip
     try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pidserve.engines import (
+    DecodeAbandoned,
     DecodeBatch,
     EngineConfigError,
     EngineInputError,
@@ -318,3 +319,23 @@ def test_cudnn_attention_decodes_like_flash_attention_on_gpu() -> None:
         # bf16 through 4 steps: two kernels that sum in different orders drift by a level or two here
         # and there (the bf16-vs-fp32 test allows a mean of 4 levels), never systematically
         assert diff.float().mean() < 1.0 and (diff <= 2).float().mean() > 0.99, backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-compile", "onnxruntime"])
+def test_an_abandoned_batch_stops_between_sampler_steps(tiny_v15: PiDNet, onnx_export, backend) -> None:
+    """`DecodeBatch.abandoned` is asked before every step; the first True stops the decode there."""
+    asked: list[int] = []
+
+    def abandoned_after_one_step() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    kwargs = {"engine_dir": onnx_export.directory} if backend == "onnxruntime" else {"net": tiny_v15}
+    engine = open_engine(backend, **kwargs)
+    batch = _batch(tiny_v15.cfg, text_tokens=3)
+    batch.abandoned = abandoned_after_one_step
+    with pytest.raises(DecodeAbandoned):
+        engine.decode(batch)
+    assert len(asked) == 2  # asked before step 1 (go on) and before step 2 (stop): 3 steps never ran
+    batch.abandoned = lambda: False
+    assert engine.decode(batch).images.shape == (2, 64, 64, 3)  # the engine is fine afterwards

@@ -17,7 +17,14 @@ import pytest
 import torch
 import uvicorn
 
-from pidserve.engines import DecodeBatch, DecodeResult, Engine, EngineCapabilities, open_engine
+from pidserve.engines import (
+    DecodeAbandoned,
+    DecodeBatch,
+    DecodeResult,
+    Engine,
+    EngineCapabilities,
+    open_engine,
+)
 from pidserve.model.default import load_default_decoder
 from pidserve.server import ServerSettings, create_app
 from pidserve.server.loader import open_configured_engine
@@ -38,6 +45,7 @@ class FaultyEngine(Engine):
         self.entered = threading.Event()  # set when a gated batch starts waiting
         self.seen_seeds: list[int] = []  # seeds of every batch that reached the real engine
         self.seen_text: list[torch.Tensor | None] = []  # and its text embeddings
+        self.abandoned = 0  # decodes the real engine stopped part-way (DecodeBatch.abandoned)
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -52,7 +60,11 @@ class FaultyEngine(Engine):
             raise RuntimeError("injected engine failure")
         self.seen_seeds.extend(seeds)
         self.seen_text.append(batch.text)
-        return self.inner.decode(batch)
+        try:
+            return self.inner.decode(batch)
+        except DecodeAbandoned:
+            self.abandoned += 1
+            raise
 
 
 @dataclass

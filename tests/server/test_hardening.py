@@ -486,3 +486,57 @@ def test_item_5_health_answers_while_a_body_is_parsed(server, monkeypatch, route
         release.set()
         big.join(timeout=60)
     assert results[0].status_code == 200, results[0].text[:200]
+
+
+# ---- item 2: the cost of a request is bounded; a deadline stops the compute too ---------------------
+COSTLY = {
+    # name: (latent [B, 16, h, w], steps, words): every body here is 4 MiB or less
+    "one 8192x8192 image": ((1, 16, 256, 256), 4, "--max-output-pixels"),
+    "16 images of 2048x2048": ((16, 16, 64, 64), 4, "--max-output-pixels"),
+    "one 2048x2048 image at 4 steps": ((1, 16, 64, 64), 4, "--max-pixel-steps"),
+}
+
+
+@pytest.fixture(scope="module")
+def default_limits():
+    """A server with the CPU's default request limits (the shared server's are smaller)."""
+    with live_server(max_request_latents=16, max_body_bytes=8 << 20) as live:
+        yield live
+
+
+@pytest.mark.parametrize("name", list(COSTLY))
+def test_item_2_costly_requests_are_refused_with_the_limit_and_its_flag(default_limits, name) -> None:
+    shape, steps, flag = COSTLY[name]
+    body = save_safetensors({"latent": torch.zeros(shape)})
+    response = _v1(default_limits, body, ST, steps=steps)
+    _assert_documented_error(response, 413, flag)
+    assert "cpu (fp32)" in response.json()["error"]["message"]
+    limits = httpx.get(f"{default_limits.url}/v1/models").json()["limits"]
+    assert limits["max_output_pixels"] == 2**22 and limits["max_pixel_steps"] == 2**23
+    _still_serves(default_limits)
+
+
+def test_item_2_the_limits_are_settings() -> None:
+    settings = ServerSettings(max_pixel_steps=10, device="cuda", precision="bf16")
+    assert settings.request_limits() == (2**26, 10)
+    assert ServerSettings(device="cuda:1", precision="fp8").request_limits() == (2**26, 2**28)
+
+
+def test_item_2_a_deadline_stops_the_decode_between_steps() -> None:
+    """A 512x512 decode takes seconds here; its 0.3 s deadline must end the compute too (the eager engine
+    stops at the next sampler step), counted as a deadline drop, not a failure."""
+    with live_server() as live:
+        body = save_safetensors({"latent": latent(size=16)})
+        late = _v1(live, body, ST, timeout=0.3, seed=1)
+        _assert_documented_error(late, 504, "0.3 s")
+        deadline = time.monotonic() + 30
+        metrics = ""
+        while time.monotonic() < deadline:
+            metrics = httpx.get(f"{live.url}/metrics").text
+            if 'pidserve_dropped_total{reason="deadline"} 1.0' in metrics:
+                break
+            time.sleep(0.05)
+        assert 'pidserve_dropped_total{reason="deadline"} 1.0' in metrics
+        assert "pidserve_batch_failures_total 0.0" in metrics
+        assert live.engine.abandoned == 1  # the engine itself stopped part-way
+        _still_serves(live)
