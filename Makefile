@@ -5,21 +5,31 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-# Extra pip arguments for torch only, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# torch comes from PyTorch's CPU index first (PyPI's torch is the multi-GB CUDA build on a stock machine),
+# from the default index when that one cannot be reached or lacks the version.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Extra pip arguments for torch only
 TORCH_PIP_ARGS ?=
 # Extra `pidserve serve` flags, e.g. SERVE_ARGS="--port 9000 --host 0.0.0.0" (or PIDSERVE_* variables)
 SERVE_ARGS ?=
 BIN := $(VENV)/bin
+# Two installs: what serving needs (`make serve`), and on top of it the test tool chain (`make test`).
+SERVE_STAMP := $(VENV)/.pidserve-serve-installed
 STAMP := $(VENV)/.pidserve-installed
 
 .PHONY: install test lint imports serve clean default-model gpu-wheels
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(SERVE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --timeout 20 --retries 1 --index-url $(TORCH_INDEX) $(TORCH_PIP_ARGS) \
+		"$(TORCH_SPEC)" || $(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	$(BIN)/python -m pip install -e ".[test]"
 	$(BIN)/python -m pip install --no-deps "tensorrt-stubs>=10.0"
 	touch $(STAMP)
@@ -43,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/pidserve serve $(SERVE_ARGS)
 
 clean:

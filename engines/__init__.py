@@ -6,7 +6,8 @@ for the factory's on-demand ONNX export of the onnxruntime backend (a model give
 
 Public API (other folders use exactly these names):
     Engine, EngineCapabilities, DecodeBatch, DecodeResult, DecodeAbandoned, EngineInputError,
-    EngineConfigError, ShapeProfile, StageTimer, BACKENDS, open_engine, MAX_SEED (seeds: 0..MAX_SEED)
+    EngineConfigError, ShapeProfile, StageTimer, BACKENDS, open_engine, MAX_SEED (seeds: 0..MAX_SEED),
+    PRECISIONS, check_device
     attention kernels: ATTENTION_BACKENDS, RUNS_ON, SDPA_BACKENDS, attention_context,
         check_attention_backend
     GPU classes and engine directories: GPU_CLASSES, GpuClass, batch_ladder, get_gpu_class,
@@ -16,6 +17,7 @@ Public API (other folders use exactly these names):
 from .attention import ATTENTION_BACKENDS, RUNS_ON, SDPA_BACKENDS, attention_context, check_attention_backend
 from .base import (
     MAX_SEED,
+    PRECISIONS,
     DecodeAbandoned,
     DecodeBatch,
     DecodeResult,
@@ -25,6 +27,7 @@ from .base import (
     EngineInputError,
     ShapeProfile,
     StageTimer,
+    check_device,
 )
 from .factory import BACKENDS, open_engine
 from .gpu_classes import GPU_CLASSES, GpuClass, batch_ladder, check_precision, get_gpu_class
@@ -36,6 +39,7 @@ __all__ = [
     "BACKENDS",
     "GPU_CLASSES",
     "MAX_SEED",
+    "PRECISIONS",
     "RUNS_ON",
     "SDPA_BACKENDS",
     "DecodeAbandoned",
@@ -52,6 +56,7 @@ __all__ = [
     "attention_context",
     "batch_ladder",
     "check_attention_backend",
+    "check_device",
     "check_precision",
     "get_gpu_class",
     "open_engine",

@@ -43,6 +43,24 @@ class EngineConfigError(ValueError):
     """An engine that cannot be built or loaded as asked (wrong device, precision, GPU, version)."""
 
 
+def check_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' as a torch.device, if this machine has it; else EngineConfigError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise EngineConfigError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EngineConfigError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineConfigError(
+                f"device {device!r} was asked for but CUDA is not available on this machine"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EngineConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 @dataclass
 class DecodeBatch:
     """What an engine decodes. All tensors on the CPU.

@@ -24,6 +24,7 @@ from .base import (
     EngineCapabilities,
     EngineConfigError,
     StageTimer,
+    check_device,
     copy_to_host,
     on_device,
     padded_batch_size,
@@ -80,10 +81,7 @@ def _check_device_and_precision(backend: str, device: str, precision: str) -> to
         raise EngineConfigError(
             f"the {backend} backend runs precision {', '.join(COMPUTE_DTYPES)}, not {precision!r}"
         )
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineConfigError(f"device {device!r} was asked for but CUDA is not available on this machine")
-    return dev
+    return check_device(device)
 
 
 class TorchEngine(Engine):

@@ -1,7 +1,8 @@
 """The decode service: FastAPI, dynamic batcher, encoder pool, KServe v2 routes, Prometheus metrics.
 
 Public API (other folders use exactly these names):
-    ServerSettings, create_app, run
+    ServerSettings, create_app, run, bind (the listening socket, before anything loads),
+    check_settings (what can be checked before loading)
     the served image encoders and their process pool (what `bench codecs` times):
         encode_fpng, encode_pillow_png, encode_jpeg, encode_webp, EncoderPool
 
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from .app import create_app
     from .encoder_pool import EncoderPool
     from .image_encoders import encode_fpng, encode_jpeg, encode_pillow_png, encode_webp
-    from .runner import run
+    from .loader import check_settings
+    from .runner import bind, run
     from .settings import ServerSettings
 
 # name -> the module of this folder that defines it
@@ -31,12 +33,16 @@ _MODULES = {
     "encode_jpeg": "image_encoders",
     "encode_pillow_png": "image_encoders",
     "encode_webp": "image_encoders",
+    "bind": "runner",
+    "check_settings": "loader",
     "run": "runner",
 }
 
 __all__ = [
     "EncoderPool",
     "ServerSettings",
+    "bind",
+    "check_settings",
     "create_app",
     "encode_fpng",
     "encode_jpeg",

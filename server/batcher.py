@@ -44,6 +44,10 @@ class EngineFailure(Exception):
     """The engine raised while decoding this job's batch (other batches are unaffected)."""
 
 
+class ShuttingDown(Exception):
+    """The service stops accepting work, or its shutdown deadline came before this job finished."""
+
+
 @dataclass(eq=False)
 class Job:
     """One latent to decode. `future` resolves to a JobResult, or to one of the exceptions above."""
@@ -110,6 +114,7 @@ class Batcher:
         self._accepting = True
         self._stopping = False
         self._busy = 0
+        self._running: set[Job] = set()  # jobs inside engine.decode now (the shutdown cut-off fails them)
         self._mean_batch_s = 0.0
         self._threads = [
             threading.Thread(target=self._work, args=(engine,), name=f"decode-worker-{i}", daemon=True)
@@ -126,10 +131,10 @@ class Batcher:
         return len(self._jobs)
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue all of `jobs` or none of them (QueueFull, or RuntimeError while shutting down)."""
+        """Queue all of `jobs` or none of them (QueueFull, or ShuttingDown once `stop` began)."""
         with self._cond:
             if not self._accepting:
-                raise RuntimeError("the service is shutting down")
+                raise ShuttingDown("the service is shutting down; retry on another replica")
             if len(self._jobs) + len(jobs) > self.max_queue:
                 raise QueueFull(len(self._jobs), self._retry_after())
             self._jobs.extend(jobs)
@@ -140,26 +145,32 @@ class Batcher:
         batches = len(self._jobs) / max(1, self.max_batch * len(self.engines))
         return max(1, round(batches * self._mean_batch_s + 0.5))
 
-    def stop(self, timeout: float) -> bool:
-        """Stop accepting, let the workers finish every queued job (up to `timeout`), then stop them.
-        Returns True when the queue drained in time; jobs still queued after that are failed."""
+    def stop(self, deadline: float) -> bool:
+        """Stop accepting; let the workers run the queue until `deadline` (a time.monotonic()); then fail
+        every job not finished with ShuttingDown — queued ones before compute, running ones at once (their
+        clients get a 503 inside the grace period; an eager engine stops at its next sampler step) — and
+        stop the workers. Returns True when everything finished in time."""
         with self._cond:
             self._accepting = False
             self._cond.notify_all()
-        end = time.monotonic() + timeout
-        with self._cond:
-            while (self._jobs or self._busy) and time.monotonic() < end:
-                self._cond.wait(timeout=0.05)
-            drained = not self._jobs
+            while (self._jobs or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            finished = not self._jobs and not self._busy
             left, self._jobs = self._jobs, []
+            running = list(self._running)
             self._stopping = True
             self._cond.notify_all()
+        cut_off = ShuttingDown("the service shut down before this latent finished; retry on another replica")
         for job in left:
             if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(RuntimeError("the service shut down before this latent ran"))
+                self.on_drop("shutdown")
+                _settle(job, error=cut_off)
+        for job in running:
+            job.drop_reason, job.abandoned = "shutdown", True
+            _settle(job, error=cut_off)
         for thread in self._threads:
-            thread.join(timeout=max(0.0, end - time.monotonic()) + 5)
-        return drained
+            thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        return finished
 
     # ---- worker side ----
     def _next_batch(self) -> list[Job] | None:
@@ -188,8 +199,8 @@ class Batcher:
             except Exception:  # a bug here must not kill the worker: fail the group, keep serving
                 log.exception("decode worker failed outside the engine")
                 for job in group:
-                    if not job.future.done():
-                        job.future.set_exception(EngineFailure("internal error in the decode worker"))
+                    if job.future.running():
+                        _settle(job, error=EngineFailure("internal error in the decode worker"))
             finally:
                 with self._cond:
                     self._busy -= 1
@@ -202,21 +213,28 @@ class Batcher:
             if not job.future.set_running_or_notify_cancel():
                 self.on_drop(job.drop_reason)  # the client went away or its deadline passed while queued
             elif job.deadline < now:
-                job.future.set_exception(
-                    DeadlineExceeded("the request's deadline passed while it was queued")
-                )
+                _settle(job, error=DeadlineExceeded("the request's deadline passed while it was queued"))
                 self.on_drop("deadline")
             else:
                 live.append(job)
         if not live:
             return
+        with self._cond:
+            self._running.update(live)
+        try:
+            self._decode_isolating_failures(engine, live)
+        finally:
+            with self._cond:
+                self._running.difference_update(live)
+
+    def _decode_isolating_failures(self, engine: Engine, live: list[Job]) -> None:
         try:
             self._decode(engine, live)
         except DecodeAbandoned:
             self._abandon(live)
         except Exception as exc:
             if len(live) == 1:
-                live[0].future.set_exception(EngineFailure(f"the engine failed on this latent: {exc}"))
+                _settle(live[0], error=EngineFailure(f"the engine failed on this latent: {exc}"))
                 return
             # One bad latent must not fail its batch-mates (other clients' requests): decode each alone,
             # so only the jobs that fail by themselves fail.
@@ -226,13 +244,13 @@ class Batcher:
                 except DecodeAbandoned:
                     self._abandon([job])
                 except Exception as alone:
-                    job.future.set_exception(EngineFailure(f"the engine failed on this latent: {alone}"))
+                    _settle(job, error=EngineFailure(f"the engine failed on this latent: {alone}"))
 
     def _abandon(self, jobs: list[Job]) -> None:
         """The engine stopped part-way: nobody waits for these jobs (the service already answered)."""
         for job in jobs:
             self.on_drop(job.drop_reason)
-            job.future.set_exception(DeadlineExceeded("abandoned during compute"))
+            _settle(job, error=DeadlineExceeded("abandoned during compute"))
 
     def _decode(self, engine: Engine, jobs: list[Job]) -> None:
         """Decode `jobs` as one batch and resolve their futures; raises (futures untouched) on failure."""
@@ -259,4 +277,15 @@ class Batcher:
         )
         self.on_batch(BatchStats(len(jobs), compute_s, failed=False))
         for job, image in zip(jobs, result.images, strict=True):
-            job.future.set_result(JobResult(image, start - job.enqueued, compute_s, len(jobs)))
+            _settle(job, result=JobResult(image, start - job.enqueued, compute_s, len(jobs)))
+
+
+def _settle(job: Job, result: JobResult | None = None, error: Exception | None = None) -> None:
+    """Resolve a running job's future, unless the shutdown cut-off already did (from another thread)."""
+    try:
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

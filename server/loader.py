@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pidserve.engines import (
+    BACKENDS,
+    PRECISIONS,
     Engine,
     EngineCapabilities,
     EngineConfigError,
     ShapeProfile,
+    check_device,
     open_engine,
 )
-from pidserve.model import DEFAULT_CHECKPOINT, DEFAULT_MODEL_NAME, PiDConfig, PiDNet, load_decoder
+from pidserve.model import DEFAULT_CHECKPOINT, DEFAULT_MODEL_NAME, PRESETS, PiDConfig, PiDNet, load_decoder
 
 from .batcher import Batcher, BatchStats
 from .encoder_pool import EncoderPool
@@ -70,6 +73,30 @@ def load_network(settings: ServerSettings) -> PiDNet:
         "loading checkpoint %s%s", settings.checkpoint, f" ({settings.variant})" if settings.variant else ""
     )
     return load_decoder(settings.checkpoint, settings.variant)
+
+
+def check_settings(settings: ServerSettings) -> None:
+    """What can be checked before the port is bound and anything loads: the checkpoint file, variant,
+    backend, device, precision and engine directory. A ValueError says what to fix (`pidserve serve`
+    exits with it at once instead of serving a model that can never load)."""
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"--backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
+    if settings.precision not in PRECISIONS:
+        raise ValueError(f"--precision {settings.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_device(settings.device)
+    if settings.backend == "tensorrt":
+        if settings.engine_dir is None:
+            raise ValueError(
+                "the tensorrt backend serves a built engine: pass --engine-dir (see pidserve build)"
+            )
+    elif settings.checkpoint != DEFAULT_CHECKPOINT and not Path(settings.checkpoint).is_file():
+        raise ValueError(f"--checkpoint {settings.checkpoint} does not exist (or use 'default')")
+    if settings.variant is not None and settings.variant not in PRESETS:
+        raise ValueError(
+            f"--variant {settings.variant!r} is unknown; `pidserve info --list` shows the presets"
+        )
+    if settings.engine_dir is not None and not settings.engine_dir.is_dir():
+        raise ValueError(f"--engine-dir {settings.engine_dir} is not a directory")
 
 
 def open_configured_engine(settings: ServerSettings, net: PiDNet | None) -> Engine:
@@ -151,6 +178,8 @@ class ModelLoader:
         self.encoders = EncoderPool(settings.encode_workers, settings.png_encoder, settings.png_level)
         self.batcher: Batcher | None = None
         self._thread: threading.Thread | None = None
+        self._drain: threading.Thread | None = None  # runs the batcher's shutdown (begin_shutdown)
+        self.on_failure: Callable[[], None] | None = None  # called once loading failed (runner: exit)
 
     @property
     def ready(self) -> bool:
@@ -182,18 +211,39 @@ class ModelLoader:
         }[self.state]
         raise ApiError(503, message, code="not_ready", headers={"Retry-After": "5"})
 
-    def stop(self) -> None:
-        was = self.state
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Shutdown has begun (SIGTERM; runner.py calls this before the HTTP server drains): readiness
+        turns false, new requests get 503, and the queue runs until the cut-off, `grace_s` minus a
+        margin for the last responses to go out; then every unfinished latent gets a 503. One deadline
+        for the HTTP server and the batcher, so the process exits inside its grace period."""
+        if self._drain is not None:
+            return
         self.state = "stopping"
         self.metrics.ready.set(0)
+        cut_off = time.monotonic() + max(0.0, grace_s - min(2.0, grace_s / 4))
+        self._drain = threading.Thread(target=self._stop_batcher, args=(cut_off,), name="drain", daemon=True)
+        self._drain.start()
+
+    def _stop_batcher(self, cut_off: float) -> None:
+        if self.batcher is not None:
+            finished = self.batcher.stop(cut_off)
+            log.info("decode queue %s", "drained" if finished else "cut off at the shutdown deadline")
+
+    def stop(self) -> None:
+        """The last step of shutdown (the app's lifespan end): the queue was drained or cut off by
+        begin_shutdown (called here if nothing did); then the engine and the encoders close."""
+        self.begin_shutdown(self.settings.graceful_shutdown_s)
+        grace = self.settings.graceful_shutdown_s
         if self._thread is not None:
-            self._thread.join()
-        if self.batcher is not None and was == "ready":
-            drained = self.batcher.stop(timeout=self.settings.graceful_shutdown_s)
-            log.info("decode queue %s", "drained" if drained else "not drained in time")
+            self._thread.join(timeout=grace)  # still loading (a compile): do not wait past the grace
+        assert self._drain is not None
+        self._drain.join(timeout=grace + 1)
         self.encoders.close()
-        if self.engine is not None:
+        if self.engine is not None and not self._thread_alive():
             self.engine.close()
+
+    def _thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # ---- the loading thread ----
     def _load(self) -> None:
@@ -206,6 +256,8 @@ class ModelLoader:
             self.failure = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             log.exception("could not load the model: the service stays unready")
+            if self.on_failure is not None:
+                self.on_failure()
             return
         caps = engine.capabilities
         log.info(
@@ -269,6 +321,8 @@ class ModelLoader:
             steps=tuple(caps.steps),
             prompts=self.prompts.enabled,
         )
+        if self.state == "stopping":  # shutdown began while loading: do not start serving
+            return
         self.batcher = Batcher(
             [engine],
             max_batch=self.settings.max_batch,

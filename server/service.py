@@ -29,7 +29,7 @@ import torch
 from pidserve.engines import MAX_SEED, DecodeBatch, EngineInputError
 from pidserve.model import MAX_STUDENT_STEPS, LatentError, get_latent_space, validate_sigma
 
-from .batcher import DeadlineExceeded, EngineFailure, Job, JobResult, QueueFull
+from .batcher import DeadlineExceeded, EngineFailure, Job, JobResult, QueueFull, ShuttingDown
 from .encoder_pool import EncoderUnavailable
 from .errors import ApiError, client_closed, too_large, unprocessable
 from .loader import ModelInfo, ModelLoader
@@ -195,8 +195,8 @@ class DecodeService:
             raise ApiError(
                 429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}
             ) from None
-        except RuntimeError as exc:
-            raise ApiError(503, str(exc), code="not_ready") from None
+        except ShuttingDown as exc:
+            raise _shutting_down(exc) from None
         self.metrics.queue_depth.set(batcher.depth)
         return jobs
 
@@ -235,6 +235,8 @@ class DecodeService:
             raise ApiError(504, str(exc), code="deadline_exceeded") from None
         except EngineFailure as exc:
             raise ApiError(500, str(exc), code="engine_failure") from None
+        except ShuttingDown as exc:
+            raise _shutting_down(exc) from None
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -257,6 +259,11 @@ class DecodeService:
         seconds = time.monotonic() - start
         self.metrics.encode_seconds.labels(fmt).observe(seconds)
         return bodies, {"encode": seconds}
+
+
+def _shutting_down(exc: ShuttingDown) -> ApiError:
+    """503: this replica stops; the work was not lost to a fault, so another replica can take it."""
+    return ApiError(503, str(exc), code="shutting_down", headers={"Retry-After": "1"})
 
 
 def _deadline_message(timeout: float, limit: float) -> str:

@@ -23,7 +23,13 @@ if TYPE_CHECKING:
 
     from pidserve.model import PiDNet
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+LATENT_SUFFIXES = (".safetensors", ".npy")
+# What -o may be, and the format each asks the server for (--url): the bytes match the name.
+OUTPUT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+# Past this many output pixels a local decode needs more memory and time than a laptop has (a 4000x3000
+# photo would become 16000x12000: 192 M pixels, tens of GB): refused unless --max-output-pixels says so.
+MAX_LOCAL_OUTPUT_PIXELS = 4096 * 4096
 
 
 def decode(
@@ -39,7 +45,10 @@ def decode(
         str, typer.Option(help="'default' (the embedded pid-tiny), ours, or official with --variant.")
     ] = "default",
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="PNG path (a batch adds _0, _1, ...).")
+        Path,
+        typer.Option(
+            "--output", "-o", help="Image path, .png/.jpg/.webp (a batch adds _0, _1, ...), or a directory."
+        ),
     ] = Path("decoded.png"),
     variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
     backend: Annotated[str, typer.Option(help="torch | torch-compile | onnxruntime | tensorrt")] = "torch",
@@ -62,17 +71,37 @@ def decode(
     api_key: Annotated[
         str | None, typer.Option(help="The server's API key (--url).", envvar="PIDSERVE_CLIENT_API_KEY")
     ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds to wait for the server (--url); it caps this at its --request-timeout-s."),
+    ] = None,
+    max_output_pixels: Annotated[
+        int, typer.Option(help="Refuse a local decode larger than this (memory and time).")
+    ] = MAX_LOCAL_OUTPUT_PIXELS,
 ) -> None:
-    """Decode a latent file (or an image, via tiny-ae) to PNG; same backend and --seed, same pixels."""
+    """Decode a latent file (or an image, via tiny-ae) to an image; same backend and --seed, same pixels."""
+    output = _output_path(output, latent_file)  # checked before any decoding, so no work is lost to it
+    _check_input_name(latent_file)
     if url is not None:
-        _decode_remote(latent_file, url, api_key, output, seed, sigma, steps)
+        _decode_remote(latent_file, url, api_key, output, seed, sigma, steps, timeout)
         return
     import torch
     from PIL import Image
 
-    from pidserve.engines import DecodeBatch, EngineConfigError, EngineInputError, ShapeProfile, open_engine
+    from pidserve.engines import (
+        DecodeBatch,
+        EngineConfigError,
+        EngineInputError,
+        ShapeProfile,
+        check_device,
+        open_engine,
+    )
     from pidserve.model import LatentError, get_latent_space, validate_sigma
 
+    try:
+        check_device(device)
+    except EngineConfigError as exc:
+        raise fail(exc) from None
     net = load_model(checkpoint, variant)
     if latent_file.suffix.lower() in IMAGE_SUFFIXES:
         latent, file_sigma = _encode_image_file(latent_file, checkpoint, net), None
@@ -87,6 +116,13 @@ def decode(
     except LatentError as exc:
         raise fail(exc) from None
     size = net.cfg.output_size(latent.shape[-2], latent.shape[-1])
+    if batch_size * size[0] * size[1] > max_output_pixels:
+        raise fail(
+            f"this decode would write {batch_size} x {size[1]}x{size[0]} pixels "
+            f"({batch_size * size[0] * size[1] / 1e6:.0f} M), over --max-output-pixels "
+            f"({max_output_pixels:,}), and need many GB and minutes: shrink the input (the output is "
+            f"{net.cfg.sr_scale}x the encoded image per side) or raise --max-output-pixels"
+        )
     try:
         engine = open_engine(
             backend,
@@ -116,15 +152,45 @@ def decode(
     )
 
 
+def _output_path(output: Path, source: Path) -> Path:
+    """-o as a file to write: a directory gets <input name>.png; a name must say its format."""
+    if output.is_dir() or str(output).endswith(("/", "\\")):
+        return output / f"{source.stem}.png"
+    if output.suffix.lower() not in OUTPUT_FORMATS:
+        raise fail(
+            f"-o {output}: name the image format with its extension ({', '.join(OUTPUT_FORMATS)}), "
+            "or give a directory"
+        )
+    return output
+
+
+def _check_input_name(path: Path) -> None:
+    if path.suffix.lower() not in (*IMAGE_SUFFIXES, *LATENT_SUFFIXES):
+        raise fail(
+            f"{path.name}: give an image ({', '.join(IMAGE_SUFFIXES)}) or a latent file "
+            "(.safetensors with tensor 'latent', optional 'sigma'; or .npy)"
+        )
+
+
 def _decode_remote(
-    path: Path, url: str, api_key: str | None, output: Path, seed: int, sigma: float | None, steps: int
+    path: Path,
+    url: str,
+    api_key: str | None,
+    output: Path,
+    seed: int,
+    sigma: float | None,
+    steps: int,
+    timeout: float | None,
 ) -> None:
     """`pidserve decode --url`: send the latent (images: encoded here with tiny-ae) to a server."""
     import httpx
 
     from pidserve.client import Client, ServerError
 
-    with Client(url, api_key=api_key) as client:
+    # The HTTP wait outlasts the server's deadline a little, so the server's own 504 (which names its
+    # limit) arrives rather than a bare client timeout.
+    http_timeout = 300.0 if timeout is None else timeout + 10
+    with Client(url, api_key=api_key, timeout=http_timeout) as client:
         try:
             served = client.models()["models"][0]
             if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -139,9 +205,21 @@ def _decode_remote(
             else:
                 latent, file_sigma = _read_latent(path)
             chosen_sigma = sigma if sigma is not None else file_sigma
-            result = client.decode(latent, sigma=chosen_sigma, seed=seed, steps=steps)
+            result = client.decode(
+                latent,
+                sigma=chosen_sigma,
+                seed=seed,
+                steps=steps,
+                format=OUTPUT_FORMATS[output.suffix.lower()],
+                timeout=timeout,
+            )
         except ServerError as exc:
             raise fail(f"the server refused the request: {exc}") from None
+        except httpx.TimeoutException:
+            raise fail(
+                f"{url} did not answer within {http_timeout:g} s; pass a longer --timeout (the server caps "
+                "it at its --request-timeout-s), or send a smaller latent"
+            ) from None
         except httpx.HTTPError as exc:
             raise fail(f"could not reach {url}: {exc}") from None
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -199,10 +277,8 @@ def _read_latent(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             latent, sigma = torch.from_numpy(np.load(path, allow_pickle=False)), None
         except ValueError as exc:
             raise fail(f"could not read {path} as a plain .npy array: {exc}") from None
-    else:
-        raise fail(
-            f"latent files are .safetensors (tensor 'latent', optional 'sigma') or .npy, got {path.name}"
-        )
+    else:  # _check_input_name let only the two through
+        raise AssertionError(path)
     latent = latent.float()
     if latent.ndim == 3:
         latent = latent[None]

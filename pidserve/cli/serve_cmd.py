@@ -56,7 +56,7 @@ def serve(
     """Start the decode service (flags override PIDSERVE_* variables; see docs/serving.md)."""
     from pydantic import ValidationError
 
-    from pidserve.server import ServerSettings, run
+    from pidserve.server import ServerSettings, bind, check_settings, run
 
     flags = {
         "checkpoint": checkpoint, "variant": variant, "model_name": model_name, "backend": backend,
@@ -73,6 +73,11 @@ def serve(
         settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
         settings.parsed_image_sizes()
         settings.resolved_api_key()
+        check_settings(settings)
     except (ValidationError, ValueError) as exc:
         raise fail(f"invalid server settings: {exc}") from None
-    run(settings)
+    try:
+        sock = bind(settings.host, settings.port)  # before any model work: a taken port fails at once
+    except OSError as exc:
+        raise fail(exc) from None
+    run(settings, sock)

@@ -28,6 +28,7 @@ from pidserve.engines import (
 from pidserve.model.default import load_default_decoder
 from pidserve.server import ServerSettings, create_app
 from pidserve.server.loader import open_configured_engine
+from pidserve.server.runner import Server
 
 POISON_SEED = 666  # a batch holding this seed raises inside the engine
 GATED_SEED = 777  # a batch holding this seed waits until the test opens the gate
@@ -73,7 +74,11 @@ class LiveServer:
     host_port: str
     app: object
     engine: FaultyEngine | None
-    server: uvicorn.Server
+    server: Server
+    thread: threading.Thread  # runs the server; over when the server has shut down
+
+    def server_done(self) -> bool:
+        return not self.thread.is_alive()
 
     @property
     def loader(self):
@@ -95,8 +100,10 @@ def live_server(wait_ready: bool = True, engine_factory=None, **settings) -> Ite
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30)
+    grace = int(config.graceful_shutdown_s)
+    server = Server(
+        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=grace or None),
+        app.state.loader,
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -106,7 +113,9 @@ def live_server(wait_ready: bool = True, engine_factory=None, **settings) -> Ite
     if wait_ready:
         assert app.state.loader.wait_loaded(timeout=120), app.state.loader.failure
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", app, holder.get("engine"), server)
+        yield LiveServer(
+            f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", app, holder.get("engine"), server, thread
+        )
     finally:
         server.should_exit = True
         thread.join(timeout=60)

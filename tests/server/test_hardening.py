@@ -540,3 +540,141 @@ def test_item_2_a_deadline_stops_the_decode_between_steps() -> None:
         assert "pidserve_batch_failures_total 0.0" in metrics
         assert live.engine.abandoned == 1  # the engine itself stopped part-way
         _still_serves(live)
+
+
+# ---- item 6: shutdown has one deadline, inside the grace period; cut-off work gets 503 ---------------
+def test_item_6_shutdown_cuts_off_at_its_deadline_with_503_and_exits_in_the_grace_period() -> None:
+    """A batch stuck in the engine (standing in for one that outlasts the grace period) and a queued
+    request when SIGTERM comes: both clients get 503 before the grace period ends, and the server is gone
+    shortly after it, not after a second full grace period."""
+    grace = 2
+    with live_server(graceful_shutdown_s=grace, max_queue_delay_ms=0) as live:
+        live.engine.gate.clear()
+        try:
+            results: dict[int, httpx.Response] = {}
+            threads = []
+            for seed in (GATED_SEED, 5):
+                post = threading.Thread(target=lambda s=seed: results.__setitem__(s, _post_seed(live, s)))
+                post.start()
+                threads.append(post)
+                if seed == GATED_SEED:
+                    assert live.engine.entered.wait(timeout=30)
+            deadline = time.monotonic() + 10
+            while live.loader.batcher.depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            started = time.monotonic()
+            live.server.should_exit = True  # what SIGTERM does
+            for thread in threads:
+                thread.join(timeout=30)
+            answered = time.monotonic() - started
+            while not live.server_done() and time.monotonic() - started < 30:
+                time.sleep(0.05)
+            exited = time.monotonic() - started
+        finally:
+            live.engine.gate.set()
+        for seed in (GATED_SEED, 5):
+            _assert_documented_error(results[seed], 503, "shut down")
+            assert results[seed].headers["retry-after"]
+        assert answered < grace  # every client had its answer inside the grace period
+        assert exited < grace + 3, exited  # and the process was done soon after (not 2 x grace)
+
+
+# ---- item 11: the CLI refuses what cannot work, at once, before any work is done ---------------------
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from pidserve.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--checkpoint", "/no/such/file.safetensors"], "does not exist"),
+        (["--backend", "tensorflow"], "--backend 'tensorflow'"),
+        (["--device", "gpu"], "use cpu, cuda or cuda:N"),
+        (["--variant", "2k_nope"], "pidserve info --list"),
+    ],
+)
+def test_item_11_serve_with_settings_that_cannot_work_exits_before_binding(args, words) -> None:
+    result = _cli("serve", "--port", "1", *args)  # port 1 would fail to bind: the check comes first
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+
+
+def test_item_11_serve_on_a_taken_port_fails_at_once() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = _cli("serve", "--port", str(port))
+        assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output, result.output
+        assert time.monotonic() - started < 10  # not after loading and warming the model up
+
+
+def test_item_11_serve_exits_nonzero_when_the_model_cannot_load(tmp_path) -> None:
+    """A checkpoint that exists but is not one: the background load fails and the process exits (the
+    orchestrator restarts it) instead of serving 503 for ever."""
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.run(
+        [sys.executable, "-m", "pidserve.cli", "serve", "--checkpoint", str(broken), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode not in (0, None), process.stderr[-2000:]
+    assert "the model failed to load" in process.stderr
+
+
+def test_item_11_decode_checks_its_output_and_device_before_decoding(tmp_path) -> None:
+    lat = tmp_path / "latent.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"latent": latent()}, str(lat))
+    no_extension = _cli("decode", str(lat), "-o", str(tmp_path / "x"))
+    assert no_extension.exit_code == 2 and ".png" in no_extension.output
+    device = _cli("decode", str(lat), "--device", "gpu", "-o", str(tmp_path / "x.png"))
+    assert device.exit_code == 2 and "cpu, cuda or cuda:N" in device.output
+    into_directory = _cli("decode", str(lat), "-o", str(tmp_path) + "/")
+    assert into_directory.exit_code == 0, into_directory.output
+    assert (tmp_path / "latent.png").is_file()
+    odd_input = _cli("decode", str(tmp_path / "latent.txt"))
+    assert odd_input.exit_code == 2 and ".safetensors" in odd_input.output and ".png" in odd_input.output
+
+
+def test_item_11_decode_reads_gif_and_tiff_and_refuses_giant_outputs(tmp_path) -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    for suffix in (".gif", ".tif"):
+        path = tmp_path / f"photo{suffix}"
+        Image.fromarray(pixels).save(path)
+        result = _cli("decode", str(path), "-o", str(tmp_path / f"out{suffix}.png"))
+        assert result.exit_code == 0, result.output
+        assert Image.open(tmp_path / f"out{suffix}.png").size == (96, 64)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((1200, 1600, 3), np.uint8)).save(big)  # a 4000x3000 photo, scaled down
+    result = _cli(
+        "decode", str(big), "--max-output-pixels", str(4096 * 4096 // 4), "-o", str(tmp_path / "b.png")
+    )
+    assert result.exit_code == 2 and "--max-output-pixels" in result.output and "6400x4800" in result.output
+
+
+def test_item_11_decode_url_writes_the_format_its_name_says(server, tmp_path) -> None:
+    lat = tmp_path / "latent.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"latent": latent()}, str(lat))
+    for name, magic in (("x.jpg", b"\xff\xd8"), ("x.webp", b"RIFF"), ("x.png", b"\x89PNG")):
+        result = _cli("decode", str(lat), "--url", server.url, "-o", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name).read_bytes().startswith(magic), name
