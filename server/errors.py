@@ -81,6 +81,42 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     return error_response(request, 422, "invalid_input", "; ".join(problems) or "invalid request")
 
 
+# The error responses each route family documents in OpenAPI, with what each status means there.
+_V1_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+_V2_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+STATUS_MEANINGS = {
+    400: "The body is not what its Content-Type says (broken JSON, safetensors, npy, base64).",
+    401: "The server has an API key: send 'Authorization: Bearer <key>'.",
+    404: "No such model or version.",
+    413: "Over a limit: body bytes, latents per request, output pixels or pixel-steps.",
+    415: "Unsupported Content-Type or Content-Encoding.",
+    422: "A well-formed request the model cannot decode (shape, dtype, sigma, seed, steps, ...).",
+    429: "The queue is full; retry after Retry-After seconds.",
+    500: "The engine failed on this latent, or an internal error (the message has the request id).",
+    503: "Not ready (loading, shutting down, encoder processes lost); retry after Retry-After.",
+    504: "The request's deadline passed before its images were ready.",
+}
+
+
+def error_responses(statuses: tuple[int, ...], protocol: str = "v1") -> dict[int, dict]:
+    """OpenAPI `responses` for `statuses`, with the error body of `protocol` ("v1" or "v2")."""
+    schema = _V2_ERROR_SCHEMA if protocol == "v2" else _V1_ERROR_SCHEMA
+    return {
+        status: {"description": STATUS_MEANINGS[status], "content": {"application/json": {"schema": schema}}}
+        for status in statuses
+    }
+
+
 def install_error_handlers(app) -> None:
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)

@@ -20,14 +20,25 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from pidserve import __version__
 
-from .errors import ApiError
+from .errors import ApiError, error_responses
 from .http import check_api_key, disconnect_watcher, read_body, server_timing
 from .kserve_models import INFER_BODY, InferRequest, parse_infer_request
 from .loader import ModelLoader
 from .service import TENSOR, DecodeRequest, DecodeService
 
 router = APIRouter(tags=["kserve-v2"])
-models = APIRouter(dependencies=[Depends(check_api_key)], tags=["kserve-v2"])
+models = APIRouter(
+    dependencies=[Depends(check_api_key)],
+    tags=["kserve-v2"],
+    responses=error_responses((401, 404, 500), "v2"),
+)
+# Health and readiness answer with a status and no body (the protocol's form).
+_PROBE = {
+    "response_class": Response,
+    "responses": {200: {"description": "Yes."}, 503: {"description": "No."}},
+}
+_INFER_ERRORS = error_responses((400, 413, 415, 422, 429, 503, 504), "v2")
+_METADATA_ERRORS = error_responses((503,), "v2")
 
 HEADER_LENGTH = "inference-header-content-length"
 VERSION = "1"
@@ -52,24 +63,24 @@ async def server_metadata() -> dict:
     return {"name": "pidserve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/v2/health/live")
+@router.get("/v2/health/live", **_PROBE)
 async def live(request: Request) -> Response:
     """200 while the process can serve or is loading; 503 once loading failed (restart the pod)."""
     failed = _loader(request).state == "failed"
     return Response(status_code=503 if failed else 200)
 
 
-@router.get("/v2/health/ready")
+@router.get("/v2/health/ready", **_PROBE)
 async def ready(request: Request) -> Response:
     return Response(status_code=200 if _loader(request).ready else 503)
 
 
-@models.get("/v2/models/{name}/ready")
+@models.get("/v2/models/{name}/ready", **_PROBE)
 async def model_ready(request: Request, name: str) -> Response:
     return Response(status_code=200 if _model(request, name).ready else 503)
 
 
-@models.get("/v2/models/{name}")
+@models.get("/v2/models/{name}", responses=_METADATA_ERRORS)
 async def model_metadata(request: Request, name: str) -> dict:
     loader = _model(request, name)
     info = loader.require_ready()
@@ -86,7 +97,7 @@ async def model_metadata(request: Request, name: str) -> dict:
     }
 
 
-@models.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
+@models.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY, responses=_INFER_ERRORS)
 async def infer(request: Request, name: str) -> Response:
     started = time.monotonic()
     loader = _model(request, name)
@@ -142,16 +153,16 @@ def _json_with_data(response: dict, output: dict, raw: bytes) -> bytes:
 
 
 # The same routes with an explicit version (only VERSION exists; `_model` checks the path segment).
-@models.get("/v2/models/{name}/versions/{version}/ready")
+@models.get("/v2/models/{name}/versions/{version}/ready", **_PROBE)
 async def versioned_model_ready(request: Request, name: str, version: str) -> Response:
     return await model_ready(request, name)
 
 
-@models.get("/v2/models/{name}/versions/{version}")
+@models.get("/v2/models/{name}/versions/{version}", responses=_METADATA_ERRORS)
 async def versioned_model_metadata(request: Request, name: str, version: str) -> dict:
     return await model_metadata(request, name)
 
 
-@models.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
+@models.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, responses=_INFER_ERRORS)
 async def versioned_infer(request: Request, name: str, version: str) -> Response:
     return await infer(request, name)

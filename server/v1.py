@@ -14,7 +14,7 @@ from pidserve.engines import MAX_SEED
 from pidserve.model import MAX_STUDENT_STEPS
 
 from . import request_codecs
-from .errors import unprocessable
+from .errors import error_responses, unprocessable
 from .http import check_api_key, disconnect_watcher, read_body, server_timing
 from .image_encoders import MEDIA_TYPES, multipart
 from .loader import ModelLoader
@@ -24,14 +24,20 @@ from .settings import OutputFormat
 
 def _digits_only(value: object) -> object:
     """Query integers as digits only: pydantic alone reads '2.0' as 2 and '²' fails late."""
-    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,19}", value):
+    if isinstance(value, str) and not re.fullmatch(r"-?[0-9]{1,20}", value):
         raise ValueError("must be a whole number written in digits, e.g. 4")
     return value
 
 
-WholeNumber = Annotated[int, BeforeValidator(_digits_only)]
+# After Query(...) in each Annotated, so that the OpenAPI schema keeps Query's minimum and maximum.
+DIGITS_ONLY = BeforeValidator(_digits_only)
 
-router = APIRouter(dependencies=[Depends(check_api_key)], tags=["decode"])
+router = APIRouter(
+    dependencies=[Depends(check_api_key)],
+    tags=["decode"],
+    responses=error_responses((401, 500)),  # every route here; /v1/decode adds its own below
+)
+DECODE_ERRORS = error_responses((400, 413, 415, 422, 429, 503, 504))
 
 _BASE64_LATENT = {
     "type": "object",
@@ -81,7 +87,12 @@ def _service(request: Request) -> DecodeService:
     return request.app.state.service
 
 
-@router.post("/v1/decode", openapi_extra=DECODE_BODY, responses=_IMAGE_RESPONSES, response_class=Response)
+@router.post(
+    "/v1/decode",
+    openapi_extra=DECODE_BODY,
+    responses={**_IMAGE_RESPONSES, **DECODE_ERRORS},
+    response_class=Response,
+)
 async def decode(
     request: Request,
     latent_space: Annotated[str | None, Query(description="Checked against the served model's.")] = None,
@@ -89,16 +100,16 @@ async def decode(
         float | None, Query(ge=0, le=1, description="The latent's noise level (0 = clean).")
     ] = None,
     seed: Annotated[
-        WholeNumber | None, Query(ge=0, le=MAX_SEED, description="Noise seed; latent i uses seed + i.")
+        int | None, Query(ge=0, le=MAX_SEED, description="Noise seed; latent i uses seed + i."), DIGITS_ONLY
     ] = None,
     steps: Annotated[
-        WholeNumber, Query(ge=1, le=MAX_STUDENT_STEPS, description="Student steps.")
+        int, Query(ge=1, le=MAX_STUDENT_STEPS, description="Student steps."), DIGITS_ONLY
     ] = MAX_STUDENT_STEPS,
     prompt: Annotated[
         str | None, Query(max_length=4000, description="Text for text-conditioned models.")
     ] = None,
     format: Annotated[OutputFormat | None, Query(description="Output format (default: png).")] = None,
-    quality: Annotated[WholeNumber | None, Query(ge=1, le=100, description="JPEG/WebP quality.")] = None,
+    quality: Annotated[int | None, Query(ge=1, le=100, description="JPEG/WebP quality."), DIGITS_ONLY] = None,
     timeout: Annotated[float | None, Query(gt=0, le=3600, description="Deadline in seconds.")] = None,
 ) -> Response:
     """Decode a latent (or a small batch) into image(s)."""
