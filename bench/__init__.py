@@ -1,6 +1,7 @@
 """The benchmark harness behind `pidserve bench` (method: docs/benchmarks.md).
 
-engine.py (engine timing), http_run.py + http_load.py (load against a server on loopback), cascade.py
+engine.py (engine timing), http_run.py + http_load.py (load against a server on loopback), soak.py
+(a server under mixed hostile traffic), cascade.py
 (PiD against decode+bicubic and decode+diffusion SR), codecs.py (output encoders), decoder_quality.py +
 quality.py (image quality); stats.py, report.py and plots.py are shared by all of them.
 
@@ -8,6 +9,7 @@ Public API (other folders use exactly these names), by command; a module's `mark
 exported under its command's name (engine_table, ...):
     engine     EngineTiming, time_engine, bench_engines, engine_table, write_engine_report
     http       HttpPlan, StartedServer, run_http_bench
+    soak       SoakPlan, SoakReport, run_soak_bench (mixed good, bad, slow, disconnecting clients)
     cascade    CascadeSetup, bench_cascade, add_quality, cascade_table, write_cascade_report
     kernels    KernelSetup, bench_kernels, kernels_table, write_kernels_report
     codecs     time_codecs, time_server_pool, codecs_table, codec_dicts
@@ -32,6 +34,7 @@ from .kernels import KernelSetup, bench_kernels, write_kernels_report
 from .kernels import markdown_table as kernels_table
 from .plots import PlotsUnavailable
 from .report import command_line, write_report
+from .soak import SoakPlan, SoakReport, run_soak_bench
 
 __all__ = [
     "CascadeSetup",
@@ -40,6 +43,8 @@ __all__ = [
     "KernelSetup",
     "PlotsUnavailable",
     "QualitySetup",
+    "SoakPlan",
+    "SoakReport",
     "StartedServer",
     "add_quality",
     "bench_cascade",
@@ -54,6 +59,7 @@ __all__ = [
     "kernels_table",
     "quality_table",
     "run_http_bench",
+    "run_soak_bench",
     "time_codecs",
     "time_engine",
     "time_server_pool",

@@ -77,7 +77,16 @@ def free_port() -> int:
 
 @contextmanager
 def local_server(serve_args: list[str], log_path: Path, ready_timeout_s: float = 600.0) -> Iterator[str]:
-    """`pidserve serve` on 127.0.0.1 in a subprocess; yields its URL once /v2/health/ready answers 200.
+    """`pidserve serve` on 127.0.0.1 in a subprocess; yields its URL once /v2/health/ready answers 200."""
+    with local_server_process(serve_args, log_path, ready_timeout_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def local_server_process(
+    serve_args: list[str], log_path: Path, ready_timeout_s: float = 600.0
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """local_server, yielding the process too (bench soak samples its memory).
 
     Its log goes to `log_path`. On exit it gets SIGTERM (a graceful drain), then SIGKILL after 30 s.
     """
@@ -89,7 +98,7 @@ def local_server(serve_args: list[str], log_path: Path, ready_timeout_s: float =
         process = subprocess.Popen([*command, *serve_args], stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _wait_ready(url, process, log_path, ready_timeout_s)
-            yield url
+            yield url, process
         finally:
             process.send_signal(signal.SIGTERM)
             try:

@@ -7,6 +7,7 @@
     serve_cmd     serve
     engine_cmds   export, build
     bench_cmds    bench engine | http | cascade | kernels | codecs | quality | x0-error
+    soak_cmd      bench soak
     train_cmds    data photos, train autoencoder | teacher | distill
 
 Each command parses its options, makes one call into a library folder and prints the result.
@@ -52,7 +53,7 @@ def fail(error: str | BaseException) -> typer.Exit:
 
 
 # The command modules use `fail`, so they are imported once it exists.
-from . import bench_cmds, decode_cmd, engine_cmds, model_cmds, serve_cmd, train_cmds  # noqa: E402
+from . import bench_cmds, decode_cmd, engine_cmds, model_cmds, serve_cmd, soak_cmd, train_cmds  # noqa: E402
 
 app.command()(model_cmds.convert)
 app.command()(model_cmds.info)
@@ -60,6 +61,7 @@ app.command()(decode_cmd.decode)
 app.command()(serve_cmd.serve)
 app.command()(engine_cmds.export)
 app.command()(engine_cmds.build)
+bench_cmds.bench_app.command("soak")(soak_cmd.bench_soak)
 app.add_typer(bench_cmds.bench_app, name="bench")
 app.add_typer(train_cmds.data_app, name="data")
 app.add_typer(train_cmds.train_app, name="train")

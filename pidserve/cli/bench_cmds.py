@@ -4,6 +4,7 @@ Method: docs/benchmarks.md.
 
     engine     backends side by side on one model (bench/engine.py)
     http       a decode server under load (bench/http_run.py, bench/http_load.py)
+    soak       a server under hostile traffic (bench/soak.py; the command is in soak_cmd.py)
     cascade    PiD against decode+bicubic and decode+diffusion SR (bench/cascade.py)
     kernels    the hot spots, each implementation (bench/kernels.py)
     codecs     PNG/JPEG/WebP encoders at serving sizes (bench/codecs.py)
