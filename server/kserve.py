@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from pidserve import __version__
 
+from . import triton
 from .errors import ApiError, error_responses
 from .http import check_api_key, disconnect_watcher, read_body, server_timing
 from .kserve_models import INFER_BODY, InferRequest, parse_infer_request
@@ -41,7 +42,7 @@ _INFER_ERRORS = error_responses((400, 413, 415, 422, 429, 503, 504), "v2")
 _METADATA_ERRORS = error_responses((503,), "v2")
 
 HEADER_LENGTH = "inference-header-content-length"
-VERSION = "1"
+VERSION = triton.VERSION
 
 
 def _loader(request: Request) -> ModelLoader:
@@ -60,7 +61,7 @@ def _model(request: Request, name: str) -> ModelLoader:
 
 @router.get("/v2")
 async def server_metadata() -> dict:
-    return {"name": "pidserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return {"name": "pidserve", "version": __version__, "extensions": triton.EXTENSIONS}
 
 
 @router.get("/v2/health/live", **_PROBE)
@@ -73,6 +74,13 @@ async def live(request: Request) -> Response:
 @router.get("/v2/health/ready", **_PROBE)
 async def ready(request: Request) -> Response:
     return Response(status_code=200 if _loader(request).ready else 503)
+
+
+# Before the /v2/models/{name} routes, which would take "stats" for a model name.
+@models.get("/v2/models/stats")
+async def all_model_stats(request: Request) -> dict:
+    """Triton's statistics of every served model (here: one)."""
+    return triton.model_stats(_loader(request))
 
 
 @models.get("/v2/models/{name}/ready", **_PROBE)
@@ -105,13 +113,14 @@ async def infer(request: Request, name: str) -> Response:
     service.require_ready()
     body = await read_body(request, loader.settings.max_body_bytes)
     # Off the event loop: a large JSON body takes seconds to parse, and health must still answer.
-    infer_request, tensors = await asyncio.to_thread(_parse, body, request.headers.get(HEADER_LENGTH))
+    with service.metrics.parse_seconds.time():
+        infer_request, tensors = await asyncio.to_thread(_parse, body, request.headers.get(HEADER_LENGTH))
     params = infer_request.params
     outcome = await service.decode(
         DecodeRequest(
             latents=tensors["latent"].float(),
-            sigmas=tensors.get("sigma"),
-            seeds=tensors["seed"].to(torch.int64) if "seed" in tensors else None,
+            sigmas=_per_sample(tensors.get("sigma")),
+            seeds=_per_sample(tensors["seed"].to(torch.int64)) if "seed" in tensors else None,
             steps=params.steps,
             prompt=params.prompt,
             timeout_s=params.timeout_s,
@@ -141,6 +150,14 @@ async def infer(request: Request, name: str) -> Response:
     return Response(head + raw, media_type="application/octet-stream", headers=headers)
 
 
+def _per_sample(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1] -> [B]: Triton's clients send a per-sample scalar of dims [1] as [B, 1] (the model config
+    declares it so, reshaped to [])."""
+    if tensor is not None and tensor.ndim == 2 and tensor.shape[1] == 1:
+        return tensor[:, 0]
+    return tensor
+
+
 def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, torch.Tensor]]:
     infer_request, binary = parse_infer_request(body, header_length)
     return infer_request, infer_request.tensors(binary)
@@ -150,6 +167,18 @@ def _json_with_data(response: dict, output: dict, raw: bytes) -> bytes:
     """The response as JSON with the image as a list of numbers (12 M of them at 2048²: seconds)."""
     output["data"] = np.frombuffer(raw, dtype=np.uint8).tolist()
     return json.dumps(response).encode()
+
+
+@models.get("/v2/models/{name}/config", responses=_METADATA_ERRORS)
+async def model_config(request: Request, name: str) -> dict:
+    """Triton's model configuration (what perf_analyzer and tritonclient's get_model_config read)."""
+    return triton.model_config(_model(request, name))
+
+
+@models.get("/v2/models/{name}/stats")
+async def model_stats(request: Request, name: str) -> dict:
+    """Triton's statistics extension, from the same series as /metrics."""
+    return triton.model_stats(_model(request, name))
 
 
 # The same routes with an explicit version (only VERSION exists; `_model` checks the path segment).
@@ -166,3 +195,13 @@ async def versioned_model_metadata(request: Request, name: str, version: str) ->
 @models.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, responses=_INFER_ERRORS)
 async def versioned_infer(request: Request, name: str, version: str) -> Response:
     return await infer(request, name)
+
+
+@models.get("/v2/models/{name}/versions/{version}/config", responses=_METADATA_ERRORS)
+async def versioned_model_config(request: Request, name: str, version: str) -> dict:
+    return await model_config(request, name)
+
+
+@models.get("/v2/models/{name}/versions/{version}/stats")
+async def versioned_model_stats(request: Request, name: str, version: str) -> dict:
+    return await model_stats(request, name)

@@ -53,6 +53,19 @@ class Metrics:
         self.batch_size = Histogram(
             "pidserve_batch_size", "Latents per engine batch.", buckets=BATCH_BUCKETS, registry=r
         )
+        self.inference_seconds = Histogram(
+            "pidserve_inference_duration_seconds",
+            "Decode requests from validation to encoded images, by outcome (success, fail).",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.parse_seconds = Histogram(
+            "pidserve_parse_seconds", "Request bodies read into tensors.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.last_inference = Gauge(
+            "pidserve_last_inference_timestamp_seconds", "When the last decode request finished.", registry=r
+        )
         self.queue_depth = Gauge("pidserve_queue_depth", "Latents waiting in the batch queue.", registry=r)
         self.images = Counter("pidserve_images", "Images decoded.", registry=r)
         self.batch_failures = Counter("pidserve_batch_failures", "Engine batches that raised.", registry=r)

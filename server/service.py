@@ -79,7 +79,21 @@ class DecodeService:
     async def decode(
         self, request: DecodeRequest, disconnected: Callable[[], Awaitable[None]] | None = None
     ) -> DecodeOutcome:
-        """Validate, embed, queue, wait (deadline, client disconnect), encode."""
+        """Validate, embed, queue, wait (deadline, client disconnect), encode; timed by outcome
+        (pidserve_inference_duration_seconds, what Triton's statistics report as success and fail)."""
+        started = time.monotonic()
+        outcome = "fail"
+        try:
+            result = await self._decode(request, disconnected)
+            outcome = "success"
+            return result
+        finally:
+            self.metrics.inference_seconds.labels(outcome).observe(time.monotonic() - started)
+            self.metrics.last_inference.set_to_current_time()
+
+    async def _decode(
+        self, request: DecodeRequest, disconnected: Callable[[], Awaitable[None]] | None
+    ) -> DecodeOutcome:
         sigmas, seeds = self.validate(request)
         limit = self.settings.request_timeout_s
         timeout = min(request.timeout_s or limit, limit)

@@ -118,9 +118,10 @@ async def decode(
     service.require_ready(latent_space)
     body = await read_body(request, service.settings.max_body_bytes)
     # Off the event loop: a large JSON or npy body takes seconds to parse, and health must still answer.
-    payload = await asyncio.to_thread(
-        request_codecs.read_latent_body, request.headers.get("content-type"), body, request.headers
-    )
+    with service.metrics.parse_seconds.time():
+        payload = await asyncio.to_thread(
+            request_codecs.read_latent_body, request.headers.get("content-type"), body, request.headers
+        )
     if payload.sigma is not None and sigma is not None:
         raise unprocessable("sigma is given both in the body and in the query; give it once")
     if payload.seed is not None and seed is not None:
