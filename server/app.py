@@ -117,10 +117,19 @@ def create_app(
             exporter, _ = start_http_server(
                 settings.metrics_port, addr=settings.host, registry=metrics.registry
             )
+        grpc_server = None
+        if settings.grpc_port is not None:  # KServe v2 over gRPC beside HTTP, on the same service
+            from .grpc_service import start_grpc_server
+
+            grpc_server = await start_grpc_server(
+                loader, app.state.service, app.state.api_key, settings.host, settings.grpc_port
+            )
         loader.start()
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)  # its in-flight calls were cut off with the batcher's
             loader.stop()
             if exporter is not None:
                 exporter.shutdown()

@@ -25,7 +25,7 @@ from .errors import ApiError, error_responses
 from .http import check_api_key, disconnect_watcher, read_body, server_timing
 from .kserve_models import INFER_BODY, InferRequest, parse_infer_request
 from .loader import ModelLoader
-from .service import TENSOR, DecodeRequest, DecodeService
+from .service import DecodeService
 
 router = APIRouter(tags=["kserve-v2"])
 models = APIRouter(
@@ -90,19 +90,7 @@ async def model_ready(request: Request, name: str) -> Response:
 
 @models.get("/v2/models/{name}", responses=_METADATA_ERRORS)
 async def model_metadata(request: Request, name: str) -> dict:
-    loader = _model(request, name)
-    info = loader.require_ready()
-    return {
-        "name": loader.name,
-        "versions": [VERSION],
-        "platform": f"pidserve_{info.backend}",
-        "inputs": [
-            {"name": "latent", "datatype": "FP32", "shape": [-1, info.latent_channels, -1, -1]},
-            {"name": "sigma", "datatype": "FP32", "shape": [-1], "optional": True},
-            {"name": "seed", "datatype": "INT64", "shape": [-1], "optional": True},
-        ],
-        "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
-    }
+    return triton.model_metadata(_model(request, name))
 
 
 @models.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY, responses=_INFER_ERRORS)
@@ -115,18 +103,8 @@ async def infer(request: Request, name: str) -> Response:
     # Off the event loop: a large JSON body takes seconds to parse, and health must still answer.
     with service.metrics.parse_seconds.time():
         infer_request, tensors = await asyncio.to_thread(_parse, body, request.headers.get(HEADER_LENGTH))
-    params = infer_request.params
     outcome = await service.decode(
-        DecodeRequest(
-            latents=tensors["latent"].float(),
-            sigmas=_per_sample(tensors.get("sigma")),
-            seeds=_per_sample(tensors["seed"].to(torch.int64)) if "seed" in tensors else None,
-            steps=params.steps,
-            prompt=params.prompt,
-            timeout_s=params.timeout_s,
-            output_format=TENSOR,
-        ),
-        disconnected=disconnect_watcher(request),
+        infer_request.decode_request(tensors), disconnected=disconnect_watcher(request)
     )
     raw = outcome.bodies[0]  # uint8 [B, H, W, 3], C order
     output: dict = {"name": "image", "datatype": "UINT8", "shape": list(outcome.shape)}
@@ -148,14 +126,6 @@ async def infer(request: Request, name: str) -> Response:
     head = json.dumps(response).encode()
     headers[HEADER_LENGTH] = str(len(head))
     return Response(head + raw, media_type="application/octet-stream", headers=headers)
-
-
-def _per_sample(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, 1] -> [B]: Triton's clients send a per-sample scalar of dims [1] as [B, 1] (the model config
-    declares it so, reshaped to [])."""
-    if tensor is not None and tensor.ndim == 2 and tensor.shape[1] == 1:
-        return tensor[:, 0]
-    return tensor
 
 
 def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, torch.Tensor]]:

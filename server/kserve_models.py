@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 from pidserve.model import MAX_STUDENT_STEPS
 
 from .errors import ApiError, ascii_integer, bad_request, unprocessable
+from .service import TENSOR, DecodeRequest
 
 # Wire datatypes -> numpy dtype, for the inputs we accept.
 NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -240,6 +241,19 @@ class InferRequest(BaseModel):
             return bool(self.outputs[0].parameters and self.outputs[0].parameters.binary_data)
         return bool(self.params.binary_data_output)
 
+    def decode_request(self, tensors: dict[str, torch.Tensor]) -> DecodeRequest:
+        """What the service decodes: the tensors, these parameters, the image as raw uint8 (TENSOR)."""
+        params = self.params
+        return DecodeRequest(
+            latents=tensors["latent"].float(),
+            sigmas=_per_sample(tensors.get("sigma")),
+            seeds=_per_sample(tensors["seed"].to(torch.int64)) if "seed" in tensors else None,
+            steps=params.steps,
+            prompt=params.prompt,
+            timeout_s=params.timeout_s,
+            output_format=TENSOR,
+        )
+
     def tensors(self, binary: bytes) -> dict[str, torch.Tensor]:
         """{name: tensor} of the inputs; the binary part must be claimed to its last byte."""
         tensors: dict[str, torch.Tensor] = {}
@@ -250,6 +264,14 @@ class InferRequest(BaseModel):
         if offset != len(binary):
             raise unprocessable(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
         return tensors
+
+
+def _per_sample(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1] -> [B]: Triton's clients send a per-sample scalar of dims [1] as [B, 1] (the model config
+    declares it so, reshaped to [])."""
+    if tensor is not None and tensor.ndim == 2 and tensor.shape[1] == 1:
+        return tensor[:, 0]
+    return tensor
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -267,10 +289,10 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     try:
         return InferRequest.model_validate_json(head), binary
     except ValidationError as exc:
-        raise _api_error(exc) from None
+        raise validation_error(exc) from None
 
 
-def _api_error(exc: ValidationError) -> ApiError:
+def validation_error(exc: ValidationError) -> ApiError:
     """One ApiError for all of a request's problems: 400 if the body is not the protocol's shape."""
     problems = [_problem(error) for error in exc.errors(include_url=False)]
     messages = list(dict.fromkeys(message for _, message in problems))

@@ -105,6 +105,12 @@ class ServerSettings(BaseSettings):
         le=65535,
         description="Also serve /metrics on this port (no API key); /metrics on the API port stays.",
     )
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve KServe v2 over gRPC on this port (needs pidserve[grpc]).",
+    )
     graceful_shutdown_s: float = Field(30.0, ge=0)
     log_level: str = "info"
 

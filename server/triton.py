@@ -1,6 +1,8 @@
-"""Triton's model configuration and statistics, as JSON, for the tools that read them (perf_analyzer,
-tritonclient's get_model_config() and get_inference_statistics()).
+"""The documents the KServe v2 / Triton routes return, for HTTP (kserve.py) and gRPC (grpc_service.py):
+the model metadata, and Triton's model configuration and statistics for the tools that read them
+(perf_analyzer, tritonclient's get_model_config() and get_inference_statistics()).
 
+    model_metadata(loader) GET /v2/models/{name}: the v2 protocol's model metadata
     model_config(loader)   GET /v2/models/{name}/config: Triton's ModelConfig in its JSON mapping
     model_stats(loader)    GET /v2/models[/{name}]/stats: Triton's statistics extension, read from the same
                            Prometheus series /metrics exposes (metrics.py), so the two always agree
@@ -27,6 +29,21 @@ if TYPE_CHECKING:
 
 VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+
+
+def model_metadata(loader: ModelLoader) -> dict[str, Any]:
+    info = loader.require_ready()
+    return {
+        "name": loader.name,
+        "versions": [VERSION],
+        "platform": f"pidserve_{info.backend}",
+        "inputs": [
+            {"name": "latent", "datatype": "FP32", "shape": [-1, info.latent_channels, -1, -1]},
+            {"name": "sigma", "datatype": "FP32", "shape": [-1], "optional": True},
+            {"name": "seed", "datatype": "INT64", "shape": [-1], "optional": True},
+        ],
+        "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
+    }
 
 
 def model_config(loader: ModelLoader) -> dict[str, Any]:

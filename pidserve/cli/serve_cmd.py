@@ -52,6 +52,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Also serve /metrics on this port.")] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="Also serve KServe v2 over gRPC on this port (pidserve[grpc]).")
+    ] = None,
 ) -> None:
     """Start the decode service (flags override PIDSERVE_* variables; see docs/serving.md)."""
     from pydantic import ValidationError
@@ -68,6 +71,7 @@ def serve(
         "max_pixel_steps": max_pixel_steps, "max_request_latents": max_request_latents,
         "encode_workers": encode_workers, "png_encoder": png_encoder,
         "api_key_file": api_key_file, "host": host, "port": port, "metrics_port": metrics_port,
+        "grpc_port": grpc_port,
     }  # fmt: skip
     try:
         settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
