@@ -348,7 +348,7 @@ PRESETS: dict[str, PiDConfig] = {
         pixel_attn_hidden_size=64,
         pixel_num_heads=2,
         pixel_depth=1,
-        adapter_hidden=64,
+        adapter_hidden=128,
         adapter_res_blocks=2,
         rope_ref_size=(256, 256),
     ),

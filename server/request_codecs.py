@@ -202,8 +202,8 @@ def _from_bytes(
 def _from_json(body: bytes) -> LatentPayload:
     try:
         document = json.loads(body)
-    except RecursionError:
-        raise bad_request("the JSON body is nested too deeply; a latent is at most 4 lists deep") from None
+    except RecursionError:  # deeper than Python's recursion limit (~1000): said as the depth check says it
+        raise unprocessable(_TOO_DEEP) from None
     except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer of more than 4300 digits
         raise bad_request(f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or "latent" not in document:
@@ -215,6 +215,8 @@ def _from_json(body: bytes) -> LatentPayload:
     if isinstance(latent, dict):
         tensor = _from_base64(latent)
     elif isinstance(latent, list):
+        if _depth(latent) > 4:
+            raise unprocessable(_TOO_DEEP)
         tensor = _from_nested_list(latent, "latent", torch.float32)
     else:
         raise unprocessable('"latent" must be {"data": base64, "shape": [...], "dtype": ...} or nested lists')
@@ -223,6 +225,18 @@ def _from_json(body: bytes) -> LatentPayload:
         _json_scalar_or_list(document.get("sigma"), "sigma", torch.float32),
         _json_scalar_or_list(document.get("seed"), "seed", torch.int64),
     )
+
+
+_TOO_DEEP = '"latent" is nested too deeply: a latent is [B, C, h, w] or [C, h, w], at most 4 lists deep'
+
+
+def _depth(value: object) -> int:
+    """How deep the first elements of nested lists go (what a rectangular array's rank would be)."""
+    depth = 0
+    while isinstance(value, list):
+        depth += 1
+        value = value[0] if value else None
+    return depth
 
 
 def _from_base64(field: dict) -> torch.Tensor:

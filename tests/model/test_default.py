@@ -34,7 +34,7 @@ FIGURES = tuple(evaluate(_ones, _ones, _ones[:, :, :8, :8], 4))
 
 def test_the_shipped_weights_are_small_and_load():
     total = DECODER_FILE.stat().st_size + AUTOENCODER_FILE.stat().st_size
-    assert total < 30 * 2**20, total
+    assert total < 60 * 10**6, total  # issue 16's budget for the embedded default
     net = load_default_decoder()
     assert net.cfg == PiDConfig.preset("pid-tiny")
     assert not net.training
@@ -129,3 +129,54 @@ def test_bench_x0_error_compares_checkpoints_at_each_time(tmp_path):
     assert set(json.loads((out / "x0_error.json").read_text())) == set(pair)
     twice = CliRunner().invoke(app, ["bench", "x0-error", pair[0], pair[0], "--photos", str(photos)])
     assert twice.exit_code == 2 and "twice" in twice.output
+
+
+def _holdout_figures() -> dict[str, dict[str, float]]:
+    """bench quality's figures for the shipped student and the cascade on the 4 held-out crops of
+    tests/fixtures/default_model (coffee and rocket, never trained on)."""
+    from pidserve.model import decode_latent_cascade
+    from pidserve.training import degrade
+
+    paths = sorted(FIXTURES.glob("holdout_*.png"))
+    assert len(paths) == 4
+    hr = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths]).float()
+    hr = hr / 127.5 - 1
+    lr = degrade(hr, 4)
+    net, ae = load_default_decoder(), load_default_autoencoder()
+    space = get_latent_space("tiny-ae")
+    with torch.no_grad():
+        z = space.normalize(ae.encode(lr).float())
+        outputs = {
+            "student": sample(net, z, 0.0, generator=torch.Generator().manual_seed(0)),
+            "cascade": decode_latent_cascade(ae, z, 4, space),
+        }
+    to01 = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
+    return {name: evaluate(to01(pred), to01(hr), to01(lr), 4) for name, pred in outputs.items()}
+
+
+@pytest.fixture(scope="module")
+def holdout_figures() -> dict[str, dict[str, float]]:
+    return _holdout_figures()
+
+
+def test_the_shipped_default_does_not_regress_on_held_out_crops(holdout_figures) -> None:
+    """v2 as shipped (2026-12-02) on these crops: PSNR 19.51 dB, colour shift 10.2 levels, blockiness
+    1.49, spectral distance 0.34 (v1 was far worse, 7 dB at 512x512). Deterministic, so the bounds
+    are tight: new weights must be at least this good."""
+    student = holdout_figures["student"]
+    assert student["psnr"] >= 19.4
+    assert student["colour_shift"] <= 10.5
+    assert student["blockiness"] <= 1.52
+    assert student["spectral_distance"] <= 0.5
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 16's goal, not met by v2: the student is ~3 dB below the cascade"
+)
+def test_the_default_meets_issue_16s_goal_on_held_out_crops(holdout_figures) -> None:
+    """Flips to a pass (and so, being strict, fails) the day the embedded default meets its goal:
+    then remove the xfail."""
+    student, cascade = holdout_figures["student"], holdout_figures["cascade"]
+    assert student["psnr"] >= cascade["psnr"] - 0.5
+    assert student["colour_error"] <= cascade["colour_error"]
+    assert student["colour_shift"] <= 3

@@ -130,7 +130,14 @@ NINES = b"9" * 5000
 HUGE_NPY = _npy_header((1, 16, 2**16, 2**16 - 1)) + b"\0" * 64  # declares 238 GiB
 UNHANDLED = {
     # name: (route, body, headers, status, words)
-    "v1 JSON nested 1000 deep": ("v1", b'{"latent": ' + DEEP + b"}", JSON, 400, "deep"),
+    "v1 JSON nested 1000 deep": ("v1", b'{"latent": ' + DEEP + b"}", JSON, 422, "nested too deeply"),
+    "v1 JSON nested 5000 deep": (
+        "v1",
+        b'{"latent": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        JSON,
+        422,
+        "too deeply",
+    ),
     "v2 JSON nested 1000 deep": ("v2", b'{"inputs": ' + DEEP + b"}", JSON, 400, "recursion"),
     "v1 integer of 5000 digits": (
         "v1",
