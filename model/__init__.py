@@ -8,9 +8,9 @@ Public API (other folders use exactly these names; the modules behind them are p
     sampling:     sample, sample_teacher, student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
                   the flow-matching pieces training uses: FM_TIMESCALE, flow_noise, predict_x0, shift_time,
                   resolution_shift
-    latents:      get_latent_space, LatentSpace, LatentError, validate_sigma (the full latent-space API,
-                  client layouts included, is pidserve.model.latents: for users' code, as docs/serving.md
-                  shows; other folders of this package use the names above)
+    latents:      get_latent_space, LatentSpace, LatentError, validate_sigma, unpack_sequence (the full
+                  latent-space API, client layouts included, is pidserve.model.latents: for users' code,
+                  as docs/serving.md shows; other folders of this package use the names above)
     the embedded default: DEFAULT_MODEL_NAME, load_default_autoencoder, encode_image, decode_latent_cascade
     tiny-ae:      AutoencoderConfig, TinyAutoencoder, load_autoencoder, save_autoencoder, latent_space_of
     text:         TextEncoder (imports transformers only when it loads a model)
@@ -31,7 +31,7 @@ from .default import DEFAULT_MODEL_NAME, decode_latent_cascade, encode_image, lo
 from .errors import CheckpointError, LatentError
 from .flops import decode_flops
 from .info import describe_config, matching_variants, parameter_counts
-from .latents import LatentSpace, get_latent_space, validate_sigma
+from .latents import LatentSpace, get_latent_space, unpack_sequence, validate_sigma
 from .layers import RMSNorm, modulate, to_patches
 from .loading import DEFAULT_CHECKPOINT, load_decoder, load_tiny_autoencoder
 from .network import Conditioning, PiDNet
@@ -99,5 +99,6 @@ __all__ = [
     "student_timesteps",
     "to_patches",
     "to_uint8_hwc",
+    "unpack_sequence",
     "validate_sigma",
 ]
