@@ -50,7 +50,8 @@ class ModelInfo:
     name: str
     latent_space: str
     latent_channels: int
-    output_scale: int
+    output_scale: int  # output pixels per latent cell
+    latent_downsample: int  # image pixels per latent cell of the latent's own VAE (packed latents' sizes)
     backend: str
     device: str
     precision: str
@@ -173,6 +174,7 @@ class ModelLoader:
         self.failure: str | None = None
         self.info: ModelInfo | None = None
         self.engine: Engine | None = None
+        self.network: PiDConfig | None = None  # the served network's config (from the model or manifest)
         self.text_tokens = 0  # text positions every request carries (0: none)
         self.prompts = PromptEncoder(None, model_name=self.name)
         self.encoders = EncoderPool(settings.encode_workers, settings.png_encoder, settings.png_level)
@@ -276,7 +278,8 @@ class ModelLoader:
         # checkpoint is not loaded, which would cost host memory for nothing (5 GB for 2k_flux).
         net = None if settings.backend == "tensorrt" else load_network(settings)
         engine = self.engine = self.engine_factory(settings, net)
-        text_length = network_config(net, engine).text_max_length
+        self.network = network_config(net, engine)
+        text_length = self.network.text_max_length
         # Checked before the text encoder loads (a Gemma-2 takes a while): a mismatch fails at once.
         self.text_tokens = request_text_tokens(
             engine.capabilities, text_length, prompts=settings.text_encoder is not None
@@ -314,6 +317,7 @@ class ModelLoader:
             latent_space=caps.latent_space,
             latent_channels=caps.latent_channels,
             output_scale=caps.output_scale,
+            latent_downsample=self.network.latent_downsample,
             backend=engine.backend,
             device=caps.device,
             precision=caps.precision,

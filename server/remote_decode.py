@@ -39,7 +39,9 @@ def parse_shape(values: list[str]) -> list[int]:
     try:
         shape = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise bad_request(f"shape must be integers, e.g. shape=1&shape=16&shape=64&shape=64; got {values}") from None
+        raise bad_request(
+            f"shape must be integers, e.g. shape=1&shape=16&shape=64&shape=64; got {values}"
+        ) from None
     if not 3 <= len(shape) <= 4 or min(shape) < 1:
         raise unprocessable(f"shape {shape} is not a latent [B, C, h, w] or a packed latent [B, L, 4C]")
     return shape
@@ -76,7 +78,9 @@ def read_latent(
             raise unprocessable("scaling_factor must be a finite number other than 0")
         tensor = tensor / scaling_factor + (shift_factor or 0.0)
     elif shift_factor is not None:
-        raise unprocessable("shift_factor needs scaling_factor (raw = tensor / scaling_factor + shift_factor)")
+        raise unprocessable(
+            "shift_factor needs scaling_factor (raw = tensor / scaling_factor + shift_factor)"
+        )
     try:
         return get_latent_space(latent_space).normalize(tensor)
     except LatentError as exc:
@@ -97,11 +101,14 @@ def tensor_reply(images: np.ndarray, partial_postprocess: bool) -> tuple[bytes, 
 
 def check_output(output_type: str, image_format: str, batch: int) -> None:
     if output_type not in OUTPUT_TYPES:
-        raise unprocessable(f"output_type {output_type!r} is not served; use one of {', '.join(OUTPUT_TYPES)}")
+        raise unprocessable(
+            f"output_type {output_type!r} is not served; use one of {', '.join(OUTPUT_TYPES)}"
+        )
     if image_format not in IMAGE_FORMATS:
         raise unprocessable(f"image_format {image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
     if output_type == "pil" and batch != 1:
         raise ApiError(
-            422, f"output_type pil returns one image; this latent holds {batch}: send output_type=pt",
+            422,
+            f"output_type pil returns one image; this latent holds {batch}: send output_type=pt",
             code="invalid_input",
         )

@@ -7,18 +7,19 @@ import re
 import time
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BeforeValidator
 
 from pidserve.engines import MAX_SEED
 from pidserve.model import MAX_STUDENT_STEPS
 
-from . import request_codecs
+from . import remote_decode, request_codecs
 from .errors import error_responses, unprocessable
 from .http import check_api_key, disconnect_watcher, read_body, server_timing
 from .image_encoders import MEDIA_TYPES, multipart
 from .loader import ModelLoader
-from .service import DecodeRequest, DecodeService
+from .service import TENSOR, DecodeRequest, DecodeService
 from .settings import OutputFormat
 
 
@@ -194,3 +195,72 @@ async def models(request: Request) -> dict:
         "formats": list(MEDIA_TYPES),
         "input_media_types": list(request_codecs.INPUT_MEDIA_TYPES),
     }
+
+
+@router.post(
+    "/v1/remote-decode",
+    responses={200: {"description": "An image, or a tensor with shape/dtype headers"}, **DECODE_ERRORS},
+    response_class=Response,
+)
+async def remote_decode_route(
+    request: Request,
+    shape: Annotated[
+        list[str], Query(description="The tensor's shape (repeated, as requests sends a list).")
+    ],
+    dtype: Annotated[str, Query(description="float32, float16 or bfloat16")] = "float32",
+    scaling_factor: Annotated[
+        float | None, Query(description="raw = tensor / scaling_factor + shift_factor")
+    ] = None,
+    shift_factor: Annotated[float | None, Query()] = None,
+    height: Annotated[int | None, Query(ge=1, description="Image height (packed latents).")] = None,
+    width: Annotated[int | None, Query(ge=1, description="Image width (packed latents).")] = None,
+    output_type: Annotated[str, Query(description="pil (one image) or pt (a tensor)")] = "pil",
+    image_format: Annotated[str, Query(description="jpg or png (output_type pil)")] = "jpg",
+    partial_postprocess: Annotated[
+        bool, Query(description="pt: uint8 [B, H, W, 3] instead of float16")
+    ] = False,
+    do_scaling: Annotated[bool | None, Query(description="diffusers' deprecated flag; ignored")] = None,
+    seed: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=MAX_SEED,
+            description="Noise seed; 0 unless the endpoint URL says ?seed= (a VAE is deterministic).",
+        ),
+        DIGITS_ONLY,
+    ] = 0,
+) -> Response:
+    """diffusers' `remote_decode` protocol: a pipeline's latents in, its images out (remote_decode.py)."""
+    started = time.monotonic()
+    service = _service(request)
+    info = service.require_ready()
+    body = await read_body(request, service.settings.max_body_bytes)
+    parsed_shape = remote_decode.parse_shape(shape)
+    with service.metrics.parse_seconds.time():
+        latents = await asyncio.to_thread(
+            remote_decode.read_latent,
+            body,
+            parsed_shape,
+            dtype,
+            scaling_factor,
+            shift_factor,
+            height,
+            width,
+            info.latent_space,
+            info.latent_downsample,
+        )
+    remote_decode.check_output(output_type, image_format, int(latents.shape[0]))
+    fmt = remote_decode.IMAGE_FORMATS[image_format] if output_type == "pil" else TENSOR
+    outcome = await service.decode(
+        DecodeRequest(latents=latents, seeds=seed, output_format=fmt),
+        disconnected=disconnect_watcher(request),
+    )
+    headers = {
+        "Server-Timing": server_timing({**outcome.timings, "total": time.monotonic() - started}),
+        "X-Seed": ",".join(map(str, outcome.seeds)),
+    }
+    if output_type == "pil":
+        return Response(outcome.bodies[0], media_type=MEDIA_TYPES[fmt], headers=headers)
+    images = np.frombuffer(outcome.bodies[0], dtype=np.uint8).reshape(outcome.shape)
+    content, tensor_headers = remote_decode.tensor_reply(images, partial_postprocess)
+    return Response(content, media_type="tensor/binary", headers={**headers, **tensor_headers})
