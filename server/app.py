@@ -84,7 +84,7 @@ class RequestContext:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(seconds)
             # Probes and scrapes arrive every few seconds: keep them out of the INFO log.
-            quiet = route.startswith("/v2/health") or route == "/metrics"
+            quiet = route.startswith(("/v2/health", "/v1/health")) or route == "/metrics"
             access_log.log(
                 logging.DEBUG if quiet and status < 400 else logging.INFO,
                 json.dumps(

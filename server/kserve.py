@@ -64,6 +64,7 @@ async def server_metadata() -> dict:
     return {"name": "pidserve", "version": __version__, "extensions": triton.EXTENSIONS}
 
 
+@router.get("/v1/health/live", **_PROBE)  # the NVIDIA NIM operator's default probe paths
 @router.get("/v2/health/live", **_PROBE)
 async def live(request: Request) -> Response:
     """200 while the process can serve or is loading; 503 once loading failed (restart the pod)."""
@@ -71,6 +72,7 @@ async def live(request: Request) -> Response:
     return Response(status_code=503 if failed else 200)
 
 
+@router.get("/v1/health/ready", **_PROBE)
 @router.get("/v2/health/ready", **_PROBE)
 async def ready(request: Request) -> Response:
     return Response(status_code=200 if _loader(request).ready else 503)

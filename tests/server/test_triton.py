@@ -82,3 +82,11 @@ def test_statistics_count_what_ran_and_agree_with_metrics(triton_server) -> None
     assert now["execution_count"] == samples[("pidserve_batch_size_count", ())]
     success = samples[("pidserve_inference_duration_seconds_count", (("outcome", "success"),))]
     assert now["inference_stats"]["success"]["count"] == success
+
+
+def test_nim_operator_probe_paths_answer_like_the_v2_ones(triton_server) -> None:
+    import httpx
+
+    for path in ("live", "ready"):
+        assert httpx.get(f"{triton_server.url}/v1/health/{path}").status_code == 200
+        assert httpx.get(f"{triton_server.url}/v2/health/{path}").status_code == 200

@@ -37,3 +37,53 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "pidserve.engineDir" -}}
 {{- printf "/engines/%s-%s-%s-b%d" .name .precision .imageSize (int .maxBatch) -}}
 {{- end -}}
+
+
+{{/* The serving container's environment (the Deployment's and KServe's ServingRuntime's): called with
+     (dict "root" $ "unit" $unit). */}}
+{{- define "pidserve.serveEnv" -}}
+{{- $root := .root -}}
+{{- $unit := .unit -}}
+{{- $tensorrt := eq $unit.backend "tensorrt" -}}
+{{- $engineDir := include "pidserve.engineDir" $unit -}}
+{{- $checkpoint := $root.Values.model.checkpoint }}
+- {name: PIDSERVE_HOST, value: "0.0.0.0"}
+- {name: PIDSERVE_PORT, value: {{ $root.Values.server.port | quote }}}
+- {name: PIDSERVE_METRICS_PORT, value: {{ $root.Values.server.metricsPort | quote }}}
+- {name: PIDSERVE_CHECKPOINT, value: {{ $checkpoint | quote }}}
+{{- with $root.Values.model.variant }}
+- {name: PIDSERVE_VARIANT, value: {{ . | quote }}}
+{{- end }}
+{{- with $root.Values.model.name }}
+- {name: PIDSERVE_MODEL_NAME, value: {{ . | quote }}}
+{{- end }}
+{{- with $root.Values.model.textEncoder }}
+- {name: PIDSERVE_TEXT_ENCODER, value: {{ . | quote }}}
+{{- end }}
+- {name: PIDSERVE_BACKEND, value: {{ $unit.backend | quote }}}
+- {name: PIDSERVE_DEVICE, value: {{ ternary "cuda" "cpu" $unit.gpu | quote }}}
+- {name: PIDSERVE_PRECISION, value: {{ $unit.precision | quote }}}
+{{- if not $tensorrt }}
+- {name: PIDSERVE_ATTENTION_BACKEND, value: {{ $unit.attentionBackend | quote }}}
+{{- end }}
+- {name: PIDSERVE_MAX_BATCH, value: {{ $unit.maxBatch | quote }}}
+{{- if $tensorrt }}
+- {name: PIDSERVE_ENGINE_DIR, value: {{ $engineDir | quote }}}
+{{- else if $unit.imageSize }}
+- {name: PIDSERVE_IMAGE_SIZES, value: {{ list $unit.imageSize | toJson | quote }}}
+{{- end }}
+- {name: PIDSERVE_MAX_QUEUE_DELAY_MS, value: {{ $root.Values.server.maxQueueDelayMs | quote }}}
+- {name: PIDSERVE_MAX_QUEUE_SIZE, value: {{ $root.Values.server.maxQueueSize | quote }}}
+- {name: PIDSERVE_REQUEST_TIMEOUT_S, value: {{ $root.Values.server.requestTimeoutS | quote }}}
+- {name: PIDSERVE_ENCODE_WORKERS, value: {{ $root.Values.server.encodeWorkers | quote }}}
+- {name: PIDSERVE_PNG_ENCODER, value: {{ $root.Values.server.pngEncoder | quote }}}
+- {name: PIDSERVE_GRACEFUL_SHUTDOWN_S, value: {{ $root.Values.server.gracefulShutdownS | quote }}}
+- {name: PIDSERVE_LOG_LEVEL, value: {{ $root.Values.server.logLevel | quote }}}
+{{- if $root.Values.apiKey.existingSecret }}
+- {name: PIDSERVE_API_KEY_FILE, value: "/var/run/secrets/pidserve/{{ $root.Values.apiKey.secretKey }}"}
+{{- end }}
+- {name: HOME, value: /tmp}
+{{- with $root.Values.server.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
