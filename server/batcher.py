@@ -140,6 +140,20 @@ class Batcher:
             self._jobs.extend(jobs)
             self._cond.notify_all()
 
+    def withdraw(self, jobs: Sequence[Job]) -> None:
+        """Take back jobs nobody waits for (deadline, client gone) that are still queued, so they stop
+        holding queue slots at once; each counts as dropped for its `drop_reason`. Jobs already
+        running are left to the worker (and stop between steps where the engine can)."""
+        wanted = {id(job) for job in jobs}
+        with self._cond:
+            taken = [job for job in self._jobs if id(job) in wanted]
+            if taken:
+                self._jobs = [job for job in self._jobs if id(job) not in wanted]
+                self._cond.notify_all()
+        for job in taken:
+            if job.future.cancel():
+                self.on_drop(job.drop_reason)
+
     def _retry_after(self) -> int:
         """Seconds until the queue has likely drained by one batch per engine (at least 1)."""
         batches = len(self._jobs) / max(1, self.max_batch * len(self.engines))

@@ -239,7 +239,8 @@ class DecodeService:
                 for job in jobs:
                     job.drop_reason = "client_closed" if gone else "deadline"
                     job.abandoned = True  # computing: the engine stops between steps where it can
-                    job.future.cancel()  # not yet running: the worker drops it before compute
+                assert self.loader.batcher is not None
+                self.loader.batcher.withdraw(jobs)  # queued: out of the queue now, freeing its slots
                 waiting.cancel()
                 if gone:
                     raise client_closed()

@@ -143,3 +143,50 @@ def test_a_message_beyond_the_limit_is_resource_exhausted() -> None:
             stub.ModelInfer(request)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         del live
+
+
+def test_queue_full_deadline_engine_failure_and_not_ready_map_to_their_codes() -> None:
+    """429 -> RESOURCE_EXHAUSTED, 504 -> DEADLINE_EXCEEDED, 500 -> INTERNAL, 503 -> UNAVAILABLE."""
+    import threading
+    import time
+
+    from .conftest import GATED_SEED, POISON_SEED
+
+    port = _port()
+    with live_server(grpc_port=port, max_queue_size=1, max_queue_delay_ms=0) as live:
+        client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+
+        def code_of(**kwargs) -> str:
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer(MODEL, _inputs(latent().numpy(), seed=kwargs.pop("seed", 1)), **kwargs)
+            return caught.value.status()
+
+        assert code_of(seed=POISON_SEED) == "StatusCode.INTERNAL"
+        live.engine.gate.clear()
+        try:
+            held = threading.Thread(
+                target=lambda: client.infer(MODEL, _inputs(latent().numpy(), seed=GATED_SEED))
+            )
+            held.start()
+            assert live.engine.entered.wait(timeout=30)
+            assert (
+                code_of(seed=3, timeout=300_000) == "StatusCode.DEADLINE_EXCEEDED"
+            )  # 0.3 s, in microseconds
+            # The expired request left the queue at once: this one takes its slot.
+            results: list = []
+            queued = threading.Thread(
+                target=lambda: results.append(client.infer(MODEL, _inputs(latent().numpy(), seed=4)))
+            )
+            queued.start()
+            deadline = time.monotonic() + 10
+            while live.loader.batcher.depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert code_of(seed=5) == "StatusCode.RESOURCE_EXHAUSTED"  # the queue is full
+        finally:
+            live.engine.gate.set()
+        held.join(timeout=30)
+        queued.join(timeout=30)
+        assert results and results[0].as_numpy("image").shape == (1, 64, 64, 3)
+        live.loader.state = "stopping"  # what shutdown does first
+        assert code_of(seed=6) == "StatusCode.UNAVAILABLE"
+        live.loader.state = "ready"
