@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -58,6 +58,20 @@ def require_tensorrt() -> str:
     if tuple(int(v) for v in version.split(".")[:2]) < (10, 1):
         raise EngineConfigError(f"pidserve needs TensorRT >= 10.1, found {version}; {TENSORRT_INSTALL_HINT}")
     return version
+
+
+def tensorrt_major(version: str) -> int:
+    """10 for "10.13.0.35", 11 for "11.4.0"."""
+    return int(version.split(".")[0])
+
+
+def strongly_typed_network_flags(trt_module: Any) -> int:
+    """The create_network() flags of a strongly typed network on the installed TensorRT: on 10.x the
+    STRONGLY_TYPED bit; on 11.x none (every network is strongly typed, and the flag's value changed,
+    so passing 10.x's bit would be wrong)."""
+    if tensorrt_major(trt_module.__version__) >= 11:
+        return 0
+    return 1 << int(trt_module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 _TRT_LOGGER: trt.ILogger | None = None

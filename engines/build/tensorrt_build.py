@@ -3,19 +3,22 @@
     ExportedGraphs (export.py; quantize.py for FP8)
         --build_engines()-->  out_dir/condition.plan, out_dir/step.plan, out_dir/manifest.json
 
-Per graph: parse the ONNX file into a TensorRT 10 network (explicit batch is the only mode in
-TensorRT 10), add one optimization profile whose batch axis spans the ShapeProfile's batch sizes
-(every other dimension is static), set the precision and the workspace limit, build and
-serialize the plan. Both graphs share one timing cache, loaded from and saved to a file, so a
-rebuild on the same GPU and TensorRT version skips most kernel timing.
+Per graph: parse the ONNX file into a strongly typed TensorRT network, add one optimization profile
+whose batch axis spans the ShapeProfile's batch sizes (every other dimension is static), set the
+workspace limit, build and serialize the plan. Both graphs share one timing cache, loaded from and
+saved to a file, so a rebuild on the same GPU and TensorRT version skips most kernel timing.
 
-Precision (graph_build_settings):
+The same code builds on TensorRT 10.x (>= 10.1) and 11.x: networks are strongly typed on both (10.x:
+the STRONGLY_TYPED creation flag; 11.x: always, and the flag's value changed, so it is not passed),
+and no weak-typing API (BuilderFlag.BF16/FP16/FP8/INT8, precision constraints) is used: TensorRT 11
+removed them. tests/engines/test_tensorrt_versions.py runs this code against recording fakes with
+exactly each version's names.
+
+Precision (graph_build_settings) comes from the graph:
     fp32  FP32 graphs, TF32 cleared, so "fp32" means IEEE FP32 math
-    bf16  graphs exported from an FP32 network: BuilderFlag.BF16 (TensorRT picks BF16 kernels);
-          graphs exported from a BF16 network: a strongly typed network (the graph's types rule)
-    fp8   strongly typed networks from quantize.py's export: BF16 graphs with FP8 Q/DQ nodes
-          around the quantized matmuls (TensorRT's explicit-quantization guidance: strong typing,
-          no precision flags)
+    bf16  graphs exported from a BF16 network (`pidserve build` casts the network before exporting)
+    fp8   quantize.py's export: BF16 graphs with FP8 Q/DQ nodes around the quantized matmuls
+          (TensorRT's explicit-quantization guidance)
 
 Everything that needs no GPU (argument checks, profile shapes, flags, file layout, manifest
 contents) is a small pure function below; `build_engines` and the `_build_*` helpers are the
@@ -46,7 +49,7 @@ from ..gpu_classes import (
     get_gpu_class,
 )
 from ..manifest import ENGINE_FILES, EngineManifest, profile_to_dict, sha256_file, write_manifest
-from ..trt_support import batch_axis, require_tensorrt, tensorrt_logger
+from ..trt_support import batch_axis, require_tensorrt, strongly_typed_network_flags, tensorrt_logger
 from .export import ExportedGraphs
 
 if TYPE_CHECKING:
@@ -65,35 +68,36 @@ class EngineBuildError(RuntimeError):
 # ---- pure planning ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GraphBuildSettings:
-    """How one graph is built: network typing and BuilderFlag names to set / clear."""
+    """How one graph is built: always a strongly typed network (TensorRT 11 has no other kind; on 10.x
+    the STRONGLY_TYPED creation flag), so each layer runs in the type the exported graph gives it;
+    `clear_flags` are BuilderFlag names to clear."""
 
-    strongly_typed: bool
-    set_flags: tuple[str, ...] = ()
     clear_flags: tuple[str, ...] = ()
+
+    @property
+    def strongly_typed(self) -> bool:
+        return True
 
 
 def graph_build_settings(precision: str, weights_dtype: str = "float32") -> GraphBuildSettings:
     """Builder settings for a precision and the dtype the graphs were exported in.
 
-    fp32: FP32 weights, TF32 cleared. bf16 from an FP32 export: BuilderFlag.BF16 lets TensorRT
-    pick BF16 kernels. bf16 from a BF16 export, and fp8 (BF16 + FP8 Q/DQ): strongly typed, so
-    TensorRT keeps every type of the graph, including the FP32 islands the network computes
-    in on purpose (norms, rotary embeddings), and needs no precision flags.
+    The precision is in the graph, never in builder flags (TensorRT 11 removed BuilderFlag.BF16/FP16/
+    FP8/INT8 and weak typing): bf16 engines are built from a graph exported from a bfloat16 network,
+    fp8 from a bfloat16 graph with FP8 Q/DQ nodes, fp32 from an fp32 graph with TF32 cleared (FP32
+    math stays IEEE FP32). The FP32 islands the network computes in on purpose (norms, rotary
+    embeddings) stay FP32 because the graph says so.
     """
     if precision not in PRECISIONS:
         raise EngineConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp8":
-        return GraphBuildSettings(strongly_typed=True)
-    if weights_dtype == "bfloat16":
-        if precision == "fp32":
-            raise EngineConfigError(
-                "these graphs were exported from a bfloat16 network; export them from an fp32 network "
-                "for an fp32 engine"
-            )
-        return GraphBuildSettings(strongly_typed=True)
-    if precision == "fp32":
-        return GraphBuildSettings(strongly_typed=False, clear_flags=("TF32",))
-    return GraphBuildSettings(strongly_typed=False, set_flags=("BF16",))
+    wanted = "float32" if precision == "fp32" else "bfloat16"
+    if weights_dtype != wanted:
+        raise EngineConfigError(
+            f"a {precision} engine is built from graphs exported from a {wanted} network (TensorRT builds "
+            f"strongly typed networks only); these graphs hold {weights_dtype} weights: export them again "
+            f"from the network in {wanted} (`pidserve build` does)"
+        )
+    return GraphBuildSettings(clear_flags=("TF32",) if precision == "fp32" else ())
 
 
 def onnx_weights_dtype(path: str | Path) -> str:
@@ -247,7 +251,6 @@ def build_flags_record(
         "workspace_bytes": workspace_bytes,
         "builder_optimization_level": optimization_level,
         "strongly_typed": settings.strongly_typed,
-        "set_flags": list(settings.set_flags),
         "clear_flags": list(settings.clear_flags),
         "opt_batch": "max",
     }
@@ -391,8 +394,7 @@ class _BuildSession:
         import tensorrt as trt
 
         started = time.perf_counter()
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
-        network = self.builder.create_network(flags)
+        network = self.builder.create_network(strongly_typed_network_flags(trt))
         parser = trt.OnnxParser(network, tensorrt_logger())
         log.info("[%s] parsing %s", graph, onnx_path)
         # parse_from_file (not parse(bytes)) so weights stored as external data beside the graph load too.
@@ -403,8 +405,6 @@ class _BuildSession:
         config = self.builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
         config.builder_optimization_level = optimization_level
-        for flag in settings.set_flags:
-            config.set_flag(getattr(trt.BuilderFlag, flag))
         for flag in settings.clear_flags:
             config.clear_flag(getattr(trt.BuilderFlag, flag))
         if not config.set_timing_cache(self.timing_cache, ignore_mismatch=False):

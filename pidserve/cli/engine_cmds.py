@@ -66,6 +66,8 @@ def build(
 
     Runs on the target GPU with TensorRT installed; checks both before exporting anything.
     """
+    import torch
+
     from pidserve.engines import (
         EngineConfigError,
         ShapeProfile,
@@ -97,7 +99,9 @@ def build(
                 net, profile, onnx_dir, calibration=calibration_latents, random_calibration=random_calibration
             )
         else:
-            graphs = export_onnx(net.to("cuda"), onnx_dir, profile)
+            # The precision is in the graph (strongly typed builds): export from the network in bf16.
+            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+            graphs = export_onnx(net.to("cuda", dtype), onnx_dir, profile)
         manifest = build_engines(
             graphs,
             output,

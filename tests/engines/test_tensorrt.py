@@ -116,15 +116,16 @@ def test_batch_axes_follow_the_export_contract(tiny_v15: PiDNet) -> None:
 
 
 def test_graph_build_settings() -> None:
-    weak, strong = tb.GraphBuildSettings(strongly_typed=False), tb.GraphBuildSettings(strongly_typed=True)
-    assert tb.graph_build_settings("fp32") == tb.GraphBuildSettings(
-        strongly_typed=False, clear_flags=("TF32",)
-    )
-    assert tb.graph_build_settings("bf16") == tb.GraphBuildSettings(strongly_typed=False, set_flags=("BF16",))
-    assert tb.graph_build_settings("bf16", "bfloat16") == strong
-    assert tb.graph_build_settings("fp8", "bfloat16") == strong != weak
-    with pytest.raises(EngineConfigError, match="exported from a bfloat16 network"):
+    """Strongly typed always (TensorRT 11 has nothing else): the precision comes from the exported
+    graph's dtype, never from a builder flag."""
+    assert tb.graph_build_settings("fp32") == tb.GraphBuildSettings(clear_flags=("TF32",))
+    assert tb.graph_build_settings("bf16", "bfloat16") == tb.GraphBuildSettings()
+    assert tb.graph_build_settings("fp8", "bfloat16") == tb.GraphBuildSettings()
+    assert tb.GraphBuildSettings().strongly_typed
+    with pytest.raises(EngineConfigError, match="exported from a float32 network"):
         tb.graph_build_settings("fp32", "bfloat16")
+    with pytest.raises(EngineConfigError, match="exported from a bfloat16 network"):
+        tb.graph_build_settings("bf16")  # an fp32 export: TensorRT 10 once took BuilderFlag.BF16 for it
     with pytest.raises(EngineConfigError, match="unknown precision"):
         tb.graph_build_settings("fp16")
 
@@ -155,11 +156,16 @@ def test_onnx_weights_dtype(tmp_path: Path) -> None:
     assert tb.onnx_weights_dtype(tmp_path / "bf16.onnx") == "bfloat16"  # 64 bf16 weights outweigh 8 floats
 
 
-def _fake_export(directory: Path, profile: ShapeProfile, quantization: str | None = None) -> ExportedGraphs:
-    """An export directory with stand-in ONNX graphs and a real export.json."""
+def _fake_export(
+    directory: Path,
+    profile: ShapeProfile,
+    quantization: str | None = None,
+    dtype: int = onnx.TensorProto.BFLOAT16,
+) -> ExportedGraphs:
+    """An export directory with stand-in ONNX graphs (weights in `dtype`) and a real export.json."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("condition", "step"):
-        _tiny_onnx(directory / f"{name}.onnx")
+        _tiny_onnx(directory / f"{name}.onnx", dtype)
     meta: dict[str, object] = {
         "profile": profile_to_dict(profile),
         "config": PiDConfig.preset("tiny_v1").to_dict(),
@@ -227,6 +233,7 @@ def test_manifest_of_a_build(tmp_path: Path) -> None:
         variant="tiny_v1",
         precision="fp8",
         profile=ShapeProfile((64, 64), (1, 2, 4), 3),
+        weights_dtype="bfloat16",
         trt_version="10.13.0.35",
         gpu_class=get_gpu_class("h100"),
         gpu_name="NVIDIA H100 80GB HBM3",
@@ -240,7 +247,7 @@ def test_manifest_of_a_build(tmp_path: Path) -> None:
     assert loaded == manifest
     assert loaded.compute_capability == "9.0" and loaded.gpu_class == "h100"
     assert loaded.build_flags["strongly_typed"] is True and loaded.build_flags["workspace_bytes"] == 1 << 30
-    assert loaded.build_flags["onnx_weights_dtype"] == "float32"
+    assert loaded.build_flags["onnx_weights_dtype"] == "bfloat16"
     assert loaded.shape_profiles() == [ShapeProfile((64, 64), (1, 2, 4), 3)]
     assert loaded.checkpoint == str(checkpoint.resolve())
     assert loaded.engine_dir == str((tmp_path / "engines").resolve())
