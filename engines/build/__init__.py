@@ -9,11 +9,11 @@ Nothing at run time imports this package (engines/trt_support.py holds what the 
 shares with the builder), except the factory's on-demand export for the onnxruntime backend.
 
 Public API (other folders use exactly these names):
-    export_onnx, verify_export, ExportedGraphs, quantize_fp8_and_export, CalibrationData,
+    export_onnx, verify_export, ExportedGraphs, opset_for_tensorrt, quantize_fp8_and_export, CalibrationData,
     load_calibration_file, build_engines, EngineBuildError, validate_build_request
 """
 
-from .export import ExportedGraphs, export_onnx, verify_export
+from .export import ExportedGraphs, export_onnx, opset_for_tensorrt, verify_export
 from .quantize import CalibrationData, load_calibration_file, quantize_fp8_and_export
 from .tensorrt_build import EngineBuildError, build_engines, validate_build_request
 
@@ -24,6 +24,7 @@ __all__ = [
     "build_engines",
     "export_onnx",
     "load_calibration_file",
+    "opset_for_tensorrt",
     "quantize_fp8_and_export",
     "validate_build_request",
     "verify_export",

@@ -17,7 +17,8 @@ Position tables (RoPE, pixel sin-cos) depend only on the static sizes and are st
 step graph as constants. The names and batch axes live in trt_support (the TensorRT runtime binds
 them without importing this module).
 
-One export, with options: the plain one (fp32 or bf16 graphs, opset 18) and quantize.py's FP8 one
+One export, with options: the plain one (fp32 or bf16 graphs; opset 18 splits attention, opset 23
+keeps it one `Attention` op: opset_for_tensorrt) and quantize.py's FP8 one
 (opset 19, ModelOpt's quantizer op translated to Q/DQ nodes, weights beside the graphs, the
 quantization recorded in export.json) are the same `export_onnx`.
 """
@@ -44,7 +45,19 @@ log = logging.getLogger(__name__)
 for _noisy in ("onnxscript", "onnx_ir"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
+# Attention in the graphs. At opset 18 scaled_dot_product_attention exports split into MatMul, Softmax,
+# MatMul; from opset 23 as ONNX's `Attention` op, which TensorRT >= 10.14 maps onto its fused
+# attention layer (IAttention) and onnxruntime (1.32 here) runs on the CPU. Over half of a 2k decode's
+# FLOPs are attention, so the fused form is what a TensorRT build wants where the TensorRT has it.
 OPSET = 18
+ATTENTION_OP_OPSET = 23
+ATTENTION_OP_TENSORRT = (10, 14)  # the first TensorRT that parses the ONNX Attention op
+
+
+def opset_for_tensorrt(trt_version: str) -> int:
+    """The export opset for a TensorRT version: the Attention op where it has it, else the split form."""
+    major_minor = tuple(int(part) for part in trt_version.split(".")[:2])
+    return ATTENTION_OP_OPSET if major_minor >= ATTENTION_OP_TENSORRT else OPSET
 
 
 class ConditionGraph(nn.Module):

@@ -76,7 +76,7 @@ def build(
         get_gpu_class,
         require_tensorrt,
     )
-    from pidserve.engines.build import build_engines, export_onnx, quantize_fp8_and_export
+    from pidserve.engines.build import build_engines, export_onnx, opset_for_tensorrt, quantize_fp8_and_export
 
     try:
         target = get_gpu_class(gpu_class)
@@ -101,7 +101,8 @@ def build(
         else:
             # The precision is in the graph (strongly typed builds): export from the network in bf16.
             dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-            graphs = export_onnx(net.to("cuda", dtype), onnx_dir, profile)
+            opset = opset_for_tensorrt(trt_version)  # the fused Attention op where TensorRT parses it
+            graphs = export_onnx(net.to("cuda", dtype), onnx_dir, profile, opset=opset)
         manifest = build_engines(
             graphs,
             output,

@@ -16,7 +16,8 @@ from pidserve.engines import (
     open_engine,
 )
 from pidserve.engines.base import seeded_noises
-from pidserve.engines.build import export_onnx, verify_export
+from pidserve.engines.build import export_onnx, opset_for_tensorrt, verify_export
+from pidserve.engines.build.export import ATTENTION_OP_OPSET
 from pidserve.model import PiDConfig, PiDNet, load_checkpoint, sample, to_uint8_hwc
 from tests.conftest import OFFICIAL
 
@@ -339,3 +340,37 @@ def test_an_abandoned_batch_stops_between_sampler_steps(tiny_v15: PiDNet, onnx_e
     assert len(asked) == 2  # asked before step 1 (go on) and before step 2 (stop): 3 steps never ran
     batch.abandoned = lambda: False
     assert engine.decode(batch).images.shape == (2, 64, 64, 3)  # the engine is fine afterwards
+
+
+@pytest.fixture(scope="module")
+def attention_op_export(tiny_v15: PiDNet, tmp_path_factory: pytest.TempPathFactory):
+    profile = ShapeProfile(image_size=(64, 64), batch_sizes=(1, 2), text_tokens=3)
+    return export_onnx(tiny_v15, tmp_path_factory.mktemp("onnx23"), profile, opset=ATTENTION_OP_OPSET)
+
+
+def test_the_attention_op_export_keeps_attention_fused_and_matches_pytorch(
+    tiny_v15: PiDNet, onnx_export, attention_op_export
+) -> None:
+    """Opset 23: every attention is one ONNX `Attention` node (TensorRT >= 10.14's fused layer); opset 18
+    splits it. onnxruntime runs both on the CPU, within float rounding of PyTorch."""
+    import collections
+
+    import onnx
+
+    def ops(path) -> collections.Counter:
+        return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+    fused, split = ops(attention_op_export.step), ops(onnx_export.step)
+    assert fused["Attention"] >= tiny_v15.cfg.patch_depth and fused["Softmax"] == 0
+    assert split["Attention"] == 0 and split["Softmax"] >= tiny_v15.cfg.patch_depth
+    assert verify_export(tiny_v15, attention_op_export, batch=2) < 1e-4
+    batch = _batch(tiny_v15.cfg, text_tokens=3)
+    images = open_engine("onnxruntime", engine_dir=attention_op_export.directory).decode(batch).images
+    _agree(images, open_engine("torch", net=tiny_v15).decode(batch).images)
+
+
+@pytest.mark.parametrize(
+    ("version", "opset"), [("10.8.0.43", 18), ("10.13.3.9", 18), ("10.14.1", 23), ("11.4.0", 23)]
+)
+def test_the_export_opset_follows_the_tensorrt_version(version: str, opset: int) -> None:
+    assert opset_for_tensorrt(version) == opset
