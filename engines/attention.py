@@ -8,7 +8,9 @@ kernels are reported to be substantially faster. `bench kernels --operations
 patch-attention,pixel-attention` measures the kernels at a model's shapes; an engine's
 `attention_backend` then pins the choice:
 
-    auto       PyTorch's own choice (its default priority; on CUDA FlashAttention-2 first)
+    auto       the kernel measured fastest at PiD's shapes on this GPU's compute capability
+               (MEASURED_FASTEST), else PyTorch's own choice (its default priority; FlashAttention-2
+               first on CUDA)
     flash      FlashAttention only (CUDA and CPU)
     cudnn      cuDNN attention only (CUDA)
     efficient  memory-efficient attention only (CUDA)
@@ -31,6 +33,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -48,6 +51,34 @@ SDPA_BACKENDS = {
 
 # What PyTorch implements per device type (the CPU has its own flash kernel and the math fallback).
 RUNS_ON = {"cuda": ("flash", "cudnn", "efficient", "math"), "cpu": ("flash", "math")}
+
+
+@dataclass(frozen=True)
+class KernelMeasurement:
+    """One row of MEASURED_FASTEST: what `bench kernels --operations patch-attention` measured."""
+
+    kernel: str  # a key of SDPA_BACKENDS
+    tflops: float  # its patch-attention throughput at PiD's shapes
+    runner_up: str  # the next fastest, for the record
+    runner_up_tflops: float
+    gpu: str
+    date: str
+    command: str
+
+
+# The attention kernel `auto` pins, per CUDA compute capability, from `bench kernels` runs on real GPUs
+# (bench/RESULTS.md). Empty: no GPU run has measured the kernels yet (bench/gpu_suite.sh's `attention`
+# stage), so `auto` is PyTorch's own choice everywhere. A row is added with its figures, never guessed.
+MEASURED_FASTEST: dict[tuple[int, int], KernelMeasurement] = {}
+
+
+def resolve_attention_backend(choice: str, device: torch.device) -> str:
+    """`choice`, with `auto` replaced by the measured-fastest kernel of `device`'s compute capability
+    where MEASURED_FASTEST has one (else "auto": PyTorch decides)."""
+    if choice != "auto" or device.type != "cuda":
+        return choice
+    measured = MEASURED_FASTEST.get(torch.cuda.get_device_capability(device))
+    return measured.kernel if measured is not None else "auto"
 
 
 def check_attention_backend(choice: str, device: torch.device) -> None:

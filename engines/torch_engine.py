@@ -15,7 +15,7 @@ import torch
 from pidserve import kernels
 from pidserve.model import Conditioning, PiDNet, student_steps, student_timesteps
 
-from .attention import attention_context, check_attention_backend
+from .attention import attention_context, check_attention_backend, resolve_attention_backend
 from .base import (
     TORCH_DTYPES,
     DecodeBatch,
@@ -105,6 +105,8 @@ class TorchEngine(Engine):
         attention_backend: the scaled-dot-product-attention kernel to use (attention.py; auto: torch's)."""
         self.device = _check_device_and_precision(self.backend, device, precision)
         check_attention_backend(attention_backend, self.device)
+        # auto: the kernel measured fastest on this GPU where one was measured (attention.py)
+        attention_backend = resolve_attention_backend(attention_backend, self.device)
         self.precision = precision
         self.attention_backend = attention_backend
         if self.device.type == "cuda" and precision == "fp32":

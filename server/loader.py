@@ -76,6 +76,12 @@ def load_network(settings: ServerSettings) -> PiDNet:
     return load_decoder(settings.checkpoint, settings.variant)
 
 
+def _attention_of(engine: Engine) -> str:
+    """The attention kernel the engine pinned (its `auto` may resolve to a measured kernel); TensorRT
+    and onnxruntime engines choose their own ("auto")."""
+    return getattr(engine, "attention_backend", "auto")
+
+
 def check_settings(settings: ServerSettings) -> None:
     """What can be checked before the port is bound and anything loads: the checkpoint file, variant,
     backend, device, precision and engine directory. A ValueError says what to fix (`pidserve serve`
@@ -292,7 +298,7 @@ class ModelLoader:
             model_name=self.name,
             # A pinned attention kernel is process-wide (engines/attention.py): keep the text
             # encoder off scaled_dot_product_attention, or a prompt could hit the pin mid-decode.
-            attn_implementation=None if settings.attention_backend == "auto" else "eager",
+            attn_implementation=None if _attention_of(engine) == "auto" else "eager",
         )
         return engine
 
@@ -343,7 +349,7 @@ class ModelLoader:
                 "device": caps.device,
                 "precision": caps.precision,
                 "latent_space": caps.latent_space,
-                "attention": self.settings.attention_backend,
+                "attention": _attention_of(engine),
             }
         )
         self.state = "ready"

@@ -374,3 +374,22 @@ def test_the_attention_op_export_keeps_attention_fused_and_matches_pytorch(
 )
 def test_the_export_opset_follows_the_tensorrt_version(version: str, opset: int) -> None:
     assert opset_for_tensorrt(version) == opset
+
+
+def test_auto_attention_pins_the_measured_fastest_kernel_where_one_was_measured(monkeypatch) -> None:
+    from pidserve.engines import attention
+
+    for capability, row in attention.MEASURED_FASTEST.items():  # every row is a real kernel with figures
+        assert row.kernel in attention.SDPA_BACKENDS and row.tflops > row.runner_up_tflops > 0, capability
+        assert row.date and row.command.startswith("pidserve bench kernels")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attention, "MEASURED_FASTEST", {})
+    assert attention.resolve_attention_backend("auto", cuda) == "auto"  # nothing measured: PyTorch decides
+    row = attention.KernelMeasurement(
+        "cudnn", 400.0, "flash", 320.0, "H100", "2026-12-02", "pidserve bench kernels"
+    )
+    monkeypatch.setattr(attention, "MEASURED_FASTEST", {(9, 0): row})
+    assert attention.resolve_attention_backend("auto", cuda) == "cudnn"
+    assert attention.resolve_attention_backend("flash", cuda) == "flash"  # a pin is never overridden
+    assert attention.resolve_attention_backend("auto", torch.device("cpu")) == "auto"
