@@ -76,10 +76,10 @@ def load_network(settings: ServerSettings) -> PiDNet:
     return load_decoder(settings.checkpoint, settings.variant)
 
 
-def _attention_of(engine: Engine) -> str:
-    """The attention kernel the engine pinned (its `auto` may resolve to a measured kernel); TensorRT
-    and onnxruntime engines choose their own ("auto")."""
-    return getattr(engine, "attention_backend", "auto")
+def _attention_of(engine: Engine, asked: str) -> str:
+    """The attention kernel the engine pinned (a torch engine's `auto` may resolve to a measured kernel);
+    engines without the attribute (TensorRT, onnxruntime, wrappers) report what was asked."""
+    return getattr(engine, "attention_backend", None) or asked
 
 
 def check_settings(settings: ServerSettings) -> None:
@@ -298,7 +298,9 @@ class ModelLoader:
             model_name=self.name,
             # A pinned attention kernel is process-wide (engines/attention.py): keep the text
             # encoder off scaled_dot_product_attention, or a prompt could hit the pin mid-decode.
-            attn_implementation=None if _attention_of(engine) == "auto" else "eager",
+            attn_implementation=None
+            if _attention_of(engine, settings.attention_backend) == "auto"
+            else "eager",
         )
         return engine
 
@@ -349,7 +351,7 @@ class ModelLoader:
                 "device": caps.device,
                 "precision": caps.precision,
                 "latent_space": caps.latent_space,
-                "attention": _attention_of(engine),
+                "attention": _attention_of(engine, self.settings.attention_backend),
             }
         )
         self.state = "ready"
