@@ -5,7 +5,8 @@ Public API (other folders use exactly these names; the modules behind them are p
                   layers the kernel benchmark times (RMSNorm, modulate), to_patches
     checkpoints:  load_checkpoint, save_checkpoint, read_checkpoint, CheckpointError, load_decoder,
                   DEFAULT_CHECKPOINT, load_tiny_autoencoder
-    sampling:     sample, sample_teacher, student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
+    sampling:     sample, sample_tiled (windows of the native size, blended per step), sample_teacher,
+                  student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
                   the flow-matching pieces training uses: FM_TIMESCALE, flow_noise, predict_x0, shift_time,
                   resolution_shift
     latents:      get_latent_space, LatentSpace, LatentError, validate_sigma, unpack_sequence (the full
@@ -49,6 +50,7 @@ from .sampler import (
     to_uint8_hwc,
 )
 from .text import TextEncoder
+from .tiling import sample_tiled
 from .vae_decoder import VAE_CONFIGS, VAEDecoder, load_vae_decoder
 
 __all__ = [
@@ -92,6 +94,7 @@ __all__ = [
     "resolution_shift",
     "sample",
     "sample_teacher",
+    "sample_tiled",
     "save_autoencoder",
     "save_checkpoint",
     "shift_time",
