@@ -35,13 +35,16 @@ def open_engine(
     cache_dir: str | Path | None = None,
     compile_mode: str | None = None,
     attention_backend: str = "auto",
+    tile: tuple[int, int] | None = None,
 ) -> Engine:
     """Open `backend`.
 
     torch, torch-compile: run `net` on `device` in `precision`; optionally only the served
         `batch_sizes` (partial batches padded) and `image_sizes` (needed by torch-compile's warmup).
         torch-compile takes torch.compile's `compile_mode` (default: "default"). Both take the
-        `attention_backend` (attention.py; default auto: PyTorch's choice).
+        `attention_backend` (attention.py; default auto: PyTorch's choice). The torch backend takes
+        `tile` (HxW output pixels): outputs larger than it decode in blended windows of that size
+        (model/tiling.py); the other backends do not tile yet.
     onnxruntime: run `engine_dir` (an ONNX export); or export `net` for `profile` into a cache
         directory keyed by the weights and the profile, then run it.
     tensorrt: run the built engine directory `engine_dir` (`pidserve build`).
@@ -52,6 +55,8 @@ def open_engine(
         raise EngineConfigError(
             f"the attention backend is chosen by the torch backends only; the {backend} backend uses auto"
         )
+    if tile is not None and backend != "torch":
+        raise EngineConfigError(f"tiled decoding runs on the torch backend only so far, not {backend}")
     if backend in ("torch", "torch-compile"):
         if net is None:
             raise EngineConfigError(f"the {backend} backend needs a model (a checkpoint)")
@@ -60,7 +65,9 @@ def open_engine(
         if backend == "torch":
             if compile_mode is not None:
                 raise EngineConfigError("compile_mode is for the torch-compile backend only")
-            return TorchEngine(net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend)
+            return TorchEngine(
+                net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tile=tile
+            )
         return TorchCompileEngine(
             net,
             device=device,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pidserve import kernels
-from pidserve.model import Conditioning, PiDNet, student_steps, student_timesteps
+from pidserve.model import Conditioning, PiDNet, sample_tiled, student_steps, student_timesteps
 
 from .attention import attention_context, check_attention_backend, resolve_attention_backend
 from .base import (
@@ -99,10 +99,15 @@ class TorchEngine(Engine):
         batch_sizes: Sequence[int] | None = None,
         image_sizes: Sequence[tuple[int, int]] | None = None,
         attention_backend: str = "auto",
+        tile: tuple[int, int] | None = None,
+        tile_overlap: int = 64,
     ) -> None:
         """batch_sizes: serve only these (a batch of n runs padded to the next one); None: any size
         up to max_batch. image_sizes: serve only these output sizes; None: any multiple of 16.
-        attention_backend: the scaled-dot-product-attention kernel to use (attention.py; auto: torch's)."""
+        attention_backend: the scaled-dot-product-attention kernel to use (attention.py; auto: torch's).
+        tile: decode outputs larger than this (H, W) in windows of it, blended per step (model/tiling.py;
+        such decodes do not stop between steps on an abandoned batch)."""
+        self.tile, self.tile_overlap = tile, tile_overlap
         self.device = _check_device_and_precision(self.backend, device, precision)
         check_attention_backend(attention_backend, self.device)
         # auto: the kernel measured fastest on this GPU where one was measured (attention.py)
@@ -187,6 +192,16 @@ class TorchEngine(Engine):
         batch: DecodeBatch,
     ) -> torch.Tensor:
         """The decode on the device; eager, so it stops between steps when `batch.abandoned` says so."""
+        if self.tile is not None and (
+            latents.shape[-2] * self._caps.output_scale > self.tile[0]
+            or latents.shape[-1] * self._caps.output_scale > self.tile[1]
+        ):
+            stop_if_abandoned(batch)
+            x0 = sample_tiled(
+                self.net, latents, sigmas, text, len(noises), self.tile, self.tile_overlap, noises
+            )
+            with timer.stage("postprocess"):
+                return kernels.postprocess(x0)
         return decode_on_device(
             self.net, latents, sigmas, noises, text, stoppable(self.net.velocity, batch), timer
         )

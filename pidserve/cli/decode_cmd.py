@@ -78,6 +78,12 @@ def decode(
     max_output_pixels: Annotated[
         int, typer.Option(help="Refuse a local decode larger than this (memory and time).")
     ] = MAX_LOCAL_OUTPUT_PIXELS,
+    tile: Annotated[
+        str | None,
+        typer.Option(
+            help="Decode outputs larger than HxW in blended windows of it (torch backend), e.g. 256x256."
+        ),
+    ] = None,
 ) -> None:
     """Decode a latent file (or an image, via tiny-ae) to an image; same backend and --seed, same pixels."""
     output = _output_path(output, latent_file)  # checked before any decoding, so no work is lost to it
@@ -96,7 +102,12 @@ def decode(
         check_device,
         open_engine,
     )
-    from pidserve.model import LatentError, get_latent_space, validate_sigma
+    from pidserve.model import LatentError, get_latent_space, parse_image_size, validate_sigma
+
+    try:
+        tile_size = None if tile is None else parse_image_size(tile, "--tile")
+    except ValueError as exc:
+        raise fail(exc) from None
 
     try:
         check_device(device)
@@ -133,6 +144,7 @@ def decode(
             engine_dir=engine_dir,
             profile=ShapeProfile(size, (batch_size,)),
             attention_backend=attention_backend,
+            tile=tile_size,
         )
         seeds = torch.arange(batch_size, dtype=torch.int64) + seed
         result = engine.decode(DecodeBatch(latent, sigmas, seeds, None, steps))

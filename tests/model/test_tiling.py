@@ -66,3 +66,33 @@ def test_the_window_batch_changes_nothing_but_float_rounding_and_a_seed_reproduc
     assert torch.equal(one, again)
     diff = (to_uint8_hwc(one).int() - to_uint8_hwc(four).int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from pidserve.cli import app
+    from pidserve.engines import DecodeBatch, EngineConfigError, open_engine
+    from pidserve.engines.base import seeded_noises
+
+    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))  # 512x512 out, 4 windows
+    engine = open_engine("torch", net=load_default_decoder(), tile=(256, 256))
+    images = engine.decode(DecodeBatch.single(z, seed=9)).images
+    noises = seeded_noises(torch.tensor([9]), (1, 3, 512, 512), 4, torch.device("cpu"))
+    with torch.no_grad():
+        expected = to_uint8_hwc(sample_tiled(net, z, 0.0, tile=(256, 256), noises=noises))
+    assert torch.equal(images, expected)
+    with pytest.raises(EngineConfigError, match="torch backend only"):
+        open_engine("onnxruntime", net=net, tile=(256, 256))
+    path = tmp_path / "z.safetensors"
+    save_file({"latent": z}, str(path))
+    result = CliRunner().invoke(
+        app, ["decode", str(path), "--tile", "256x256", "--seed", "9", "-o", str(tmp_path / "o.png")]
+    )
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected.numpy()[0])
+    bad = CliRunner().invoke(app, ["decode", str(path), "--tile", "big", "-o", str(tmp_path / "b.png")])
+    assert bad.exit_code == 2 and "--tile" in bad.output
