@@ -5,7 +5,8 @@ Public API (other folders use exactly these names; the modules behind them are p
                   layers the kernel benchmark times (RMSNorm, modulate), to_patches
     checkpoints:  load_checkpoint, save_checkpoint, read_checkpoint, CheckpointError, load_decoder,
                   DEFAULT_CHECKPOINT, load_tiny_autoencoder
-    sampling:     sample, sample_tiled (windows of the native size, blended per step), sample_teacher,
+    sampling:     sample, sample_tiled (windows of the native size, blended per step), tiled_window_count,
+                  sample_teacher,
                   student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
                   the flow-matching pieces training uses: FM_TIMESCALE, flow_noise, predict_x0, shift_time,
                   resolution_shift
@@ -50,7 +51,7 @@ from .sampler import (
     to_uint8_hwc,
 )
 from .text import TextEncoder
-from .tiling import sample_tiled
+from .tiling import sample_tiled, tiled_window_count
 from .vae_decoder import VAE_CONFIGS, VAEDecoder, load_vae_decoder
 
 __all__ = [
@@ -100,6 +101,7 @@ __all__ = [
     "shift_time",
     "student_steps",
     "student_timesteps",
+    "tiled_window_count",
     "to_patches",
     "to_uint8_hwc",
     "unpack_sequence",

@@ -17,6 +17,7 @@ bit for bit (its normalised weight is exactly 1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,14 @@ def windows(size: int, tile: int, overlap: int, grid: int) -> list[int]:
     stride = tile - overlap
     origins = list(range(0, size - tile, stride))
     return [*origins, size - tile]  # the last window ends at the border (shifted inward)
+
+
+def tiled_window_count(size: tuple[int, int], tile: tuple[int, int], grid: int, overlap: int = 64) -> int:
+    """How many windows sample_tiled runs for an output `size` (the server's cost model counts them)."""
+    return math.prod(
+        len(windows(full, min(side, full), min(overlap, min(side, full) - grid), grid))
+        for full, side in zip(size, tile, strict=True)
+    )
 
 
 def blend_weights(tile: tuple[int, int], overlap: int, device: torch.device) -> torch.Tensor:

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from pidserve.engines import MAX_SEED, DecodeBatch, EngineInputError
-from pidserve.model import MAX_STUDENT_STEPS, LatentError, get_latent_space, validate_sigma
+from pidserve.model import (
+    MAX_STUDENT_STEPS,
+    LatentError,
+    get_latent_space,
+    tiled_window_count,
+    validate_sigma,
+)
 
 from .batcher import DeadlineExceeded, EngineFailure, Job, JobResult, QueueFull, ShuttingDown
 from .encoder_pool import EncoderUnavailable
@@ -163,11 +169,19 @@ class DecodeService:
                 f"{limits.output_pixels:,} per request {where} (--max-output-pixels / "
                 "PIDSERVE_MAX_OUTPUT_PIXELS); send fewer or smaller latents"
             )
-        if pixels * steps > limits.pixel_steps:
+        tile = self.settings.parsed_tile()
+        if tile is not None and (height > tile[0] or width > tile[1]):
+            # Tiled: the network runs on every window, overlaps included.
+            windows = tiled_window_count((height, width), tile, info.output_scale)
+            pixels_computed = count * windows * min(tile[0], height) * min(tile[1], width)
+            what = f"{what} in {windows} windows of {tile[0]}x{tile[1]}"
+        else:
+            pixels_computed = pixels
+        if pixels_computed * steps > limits.pixel_steps:
             raise too_large(
-                f"the request costs {what} pixels x {steps} steps = {pixels * steps:,} pixel-steps; this "
-                f"server allows {limits.pixel_steps:,} per request {where} (--max-pixel-steps / "
-                "PIDSERVE_MAX_PIXEL_STEPS); send fewer or smaller latents, or fewer steps"
+                f"the request costs {what} pixels x {steps} steps = {pixels_computed * steps:,} "
+                f"pixel-steps; this server allows {limits.pixel_steps:,} per request {where} "
+                "(--max-pixel-steps / PIDSERVE_MAX_PIXEL_STEPS); send fewer or smaller latents or fewer steps"
             )
 
     def _probe(self, latent: torch.Tensor, sigma: torch.Tensor, seed: list[int], steps: int) -> None:

@@ -61,6 +61,10 @@ class ServerSettings(BaseSettings):
     image_sizes: list[str] | None = Field(
         None, description="Output sizes HEIGHTxWIDTH the engine is built and warmed for (torch-compile)."
     )
+    tile: str | None = Field(
+        None,
+        description="Decode outputs larger than HxW in blended windows of it (torch; model/tiling.py).",
+    )
     text_encoder: str | None = Field(
         None, description="Gemma-2 text encoder (local directory or hub id) for prompts; none: no prompts."
     )
@@ -133,6 +137,9 @@ class ServerSettings(BaseSettings):
         if not self.image_sizes:
             return None
         return tuple(parse_image_size(text, "an image size") for text in self.image_sizes)
+
+    def parsed_tile(self) -> tuple[int, int] | None:
+        return None if not self.tile else parse_image_size(self.tile, "the tile size")
 
     def request_limits(self) -> RequestLimits:
         """The per-request limits: the flags where given, else LIMITS for this device and precision."""

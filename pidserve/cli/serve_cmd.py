@@ -35,6 +35,9 @@ def serve(
     image_size: Annotated[
         list[str] | None, typer.Option("--image-size", help="Output size HxW to build and warm (repeat).")
     ] = None,
+    tile: Annotated[
+        str | None, typer.Option(help="Decode outputs larger than HxW in blended windows of it (torch).")
+    ] = None,
     text_encoder: Annotated[str | None, typer.Option(help="Gemma-2 text encoder for prompts.")] = None,
     max_queue_delay_ms: Annotated[float | None, typer.Option(help="Batching delay.")] = None,
     max_queue_size: Annotated[int | None, typer.Option(help="Queued latents before 429.")] = None,
@@ -66,6 +69,7 @@ def serve(
         "device": device, "precision": precision, "engine_dir": engine_dir,
         "attention_backend": attention_backend, "max_batch": max_batch,
         "batch_sizes": batch_size or None, "image_sizes": image_size or None, "text_encoder": text_encoder,
+        "tile": tile,
         "max_queue_delay_ms": max_queue_delay_ms, "max_queue_size": max_queue_size,
         "request_timeout_s": request_timeout_s, "max_output_pixels": max_output_pixels,
         "max_pixel_steps": max_pixel_steps, "max_request_latents": max_request_latents,
@@ -76,6 +80,7 @@ def serve(
     try:
         settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
         settings.parsed_image_sizes()
+        settings.parsed_tile()
         settings.resolved_api_key()
         check_settings(settings)
     except (ValidationError, ValueError) as exc:

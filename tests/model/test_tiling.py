@@ -96,3 +96,29 @@ def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_p
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected.numpy()[0])
     bad = CliRunner().invoke(app, ["decode", str(path), "--tile", "big", "-o", str(tmp_path / "b.png")])
     assert bad.exit_code == 2 and "--tile" in bad.output
+
+
+def test_the_server_tiles_by_setting_and_counts_windows_in_its_cost_model() -> None:
+    import httpx
+    from safetensors.torch import save as save_safetensors
+
+    from pidserve.model import tiled_window_count
+    from pidserve.server import ServerSettings, check_settings
+
+    from ..server.conftest import live_server
+
+    assert tiled_window_count((512, 512), (256, 256), 32) == 9  # 3 x 3 with a 64-px overlap
+    assert tiled_window_count((256, 256), (256, 256), 32) == 1
+    with pytest.raises(ValueError, match="torch backend only"):
+        check_settings(ServerSettings(tile="256x256", backend="onnxruntime"))
+    # 9 windows x 256² x 4 steps = 2.36 M pixel-steps: over a 2 M limit although 512² x 4 = 1.05 M is not
+    with live_server(tile="256x256", max_pixel_steps=2_000_000) as live:
+        z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))
+        body = save_safetensors({"latent": z})
+        headers = {"Content-Type": "application/x-safetensors"}
+        refused = httpx.post(f"{live.url}/v1/decode", content=body, headers=headers, timeout=60)
+        assert refused.status_code == 413 and "9 windows of 256x256" in refused.json()["error"]["message"]
+        ok = httpx.post(
+            f"{live.url}/v1/decode", params={"steps": 2}, content=body, headers=headers, timeout=120
+        )
+        assert ok.status_code == 200, ok.text[:200]
