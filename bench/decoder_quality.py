@@ -30,6 +30,7 @@ from pidserve.model import (
     resolution_shift,
     sample,
     sample_teacher,
+    sample_tiled,
 )
 
 from . import quality
@@ -48,6 +49,7 @@ class QualitySetup:
     teacher_shift: float = 3.0  # at 256 px, scaled with the side (the teacher's training shift)
     teacher_shift_base: int = 256
     seed: int = 0
+    tile: tuple[int, int] | None = None  # also decode the student tiled in windows of this size
 
 
 def holdout_crops(setup: QualitySetup, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +84,10 @@ def evaluate_decoders(
         "cascade": lambda z, low, g: decode_latent_cascade(ae, z, scale, space),
         "student": lambda z, low, g: sample(student, z, 0.0, generator=g),
     }
+    if setup.tile is not None:  # the same noise draws as "student": identical at the native size
+        decoders["student_tiled"] = lambda z, low, g: sample_tiled(
+            student, z, 0.0, tile=setup.tile, generator=g
+        )
     if teacher is not None:
         decoders["teacher"] = lambda z, low, g: sample_teacher(
             teacher, z, 0.0, steps=setup.teacher_steps, shift=shift, generator=g
@@ -172,14 +178,14 @@ def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-GRID_ROWS = ("bicubic", "cascade", "teacher", "student")
+GRID_ROWS = ("bicubic", "cascade", "teacher", "student", "student_tiled")
 
 
 def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
     """metrics.json, table.md and grid.png: `grid_columns` crops spread over the held-out set.
 
     Grid rows, top to bottom: the low-res input (pixels enlarged), bicubic, cascade, teacher (when
-    measured), student, ground truth.
+    measured), student, student tiled (with --tile), ground truth.
     """
     from pidserve.training import save_grid
 

@@ -363,10 +363,13 @@ def bench_quality(
         bool, typer.Option(help="Also enlarge photos smaller than --short-side (v1's protocol).")
     ] = False,
     teacher_steps: Annotated[int, typer.Option(help="Euler steps of the teacher.")] = 32,
+    tile: Annotated[
+        str | None, typer.Option(help="Also decode the student tiled in HxW windows (a student_tiled row).")
+    ] = None,
 ) -> None:
     """PSNR, SSIM, colour, detail, block grid: student vs teacher vs cascade (tiny-ae) vs bicubic."""
     from pidserve.bench import QualitySetup, evaluate_decoders, quality_table, write_quality_report
-    from pidserve.model import load_checkpoint, load_tiny_autoencoder
+    from pidserve.model import load_checkpoint, load_tiny_autoencoder, parse_image_size
 
     net = load_model(student, None)
     if net.cfg.latent_space != "tiny-ae":
@@ -384,6 +387,7 @@ def bench_quality(
         teacher_steps=teacher_steps,
     )
     try:
+        setup.tile = None if tile is None else parse_image_size(tile, "--tile")
         ae, space = load_tiny_autoencoder(autoencoder)
         result = evaluate_decoders(setup, net, teacher_net, ae, space=space)
     except (FileNotFoundError, ValueError) as exc:

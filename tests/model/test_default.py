@@ -180,3 +180,17 @@ def test_the_default_meets_issue_16s_goal_on_held_out_crops(holdout_figures) -> 
     assert student["psnr"] >= cascade["psnr"] - 0.5
     assert student["colour_error"] <= cascade["colour_error"]
     assert student["colour_shift"] <= 3
+
+
+def test_bench_quality_adds_a_tiled_student_row_equal_to_the_untiled_one_at_the_native_size(tmp_path):
+    photos = tmp_path / "holdout"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (300, 320, 3), dtype=np.uint8)).save(photos / "p.png")
+    out = tmp_path / "quality"
+    args = ["bench", "quality", "--photos", str(photos), "--out", str(out), "--crops-per-photo", "2"]
+    result = CliRunner().invoke(app, [*args, "--tile", "256x256"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["student_tiled"] == metrics["student"]  # one window at 256²: bit for bit the same
+    assert Image.open(out / "grid.png").size == (6 * 256, 6 * 256)  # a row more: student tiled
