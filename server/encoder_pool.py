@@ -102,23 +102,25 @@ class EncoderPool:
         try:
             np.ndarray(pixels.shape, dtype=np.uint8, buffer=block.buf)[...] = pixels
             job = partial(_encode_shared, block.name, tuple(pixels.shape))
-            for attempt in range(2):
-                if self.failure is not None:
-                    raise EncoderUnavailable(self.failure)
-                pool, generation = self.processes, self.generation
-                try:
-                    return await loop.run_in_executor(pool, job)
-                except BrokenProcessPool:
-                    if attempt:
-                        raise EncoderUnavailable(
-                            "an encoder process died again right after a rebuild"
-                        ) from None
-                    log.warning("an encoder process died; rebuilding the pool and retrying the image once")
-                    await asyncio.to_thread(self._rebuild, generation)
-            raise AssertionError("unreachable")
+            generation = self.generation
+            try:
+                return await self._run_fpng(loop, job)
+            except BrokenProcessPool:
+                log.warning("an encoder process died; rebuilding the pool and retrying the image once")
+                await asyncio.to_thread(self._rebuild, generation)
+            try:
+                return await self._run_fpng(loop, job)
+            except BrokenProcessPool:
+                raise EncoderUnavailable("an encoder process died again right after a rebuild") from None
         finally:
             block.close()
             block.unlink()
+
+    async def _run_fpng(self, loop, job) -> bytes:
+        """One fpng encode in the current process pool (BrokenProcessPool if a process died)."""
+        if self.failure is not None:
+            raise EncoderUnavailable(self.failure)
+        return await loop.run_in_executor(self.processes, job)
 
     def _rebuild(self, broken_generation: int) -> None:
         """Replace the broken process pool (once, however many encodes saw it break) and warm it up."""

@@ -93,8 +93,7 @@ def tensor_reply(images: np.ndarray, partial_postprocess: bool) -> tuple[bytes, 
         array = np.ascontiguousarray(images)
         dtype = "uint8"
     else:  # what a VAE decoder returns: float [B, 3, H, W] in [-1, 1]
-        array = np.ascontiguousarray(images.transpose(0, 3, 1, 2).astype(np.float16) / 127.5 - 1.0)
-        array = array.astype(np.float16)
+        array = np.ascontiguousarray((images.transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float16))
         dtype = "float16"
     return array.tobytes(), {"shape": json.dumps(list(array.shape)), "dtype": dtype}
 

@@ -83,14 +83,19 @@ def test_encode_image_refuses_non_rgb_uint8():
     assert latent.shape == (1, 16, 2, 3)
 
 
-def test_bench_quality_reports_every_metric_for_the_default(tmp_path):
+def _bench_quality(tmp_path, seed: int, *extra: str):
+    """`pidserve bench quality` on one noise "photo" (2 crops); (the CLI result, the output folder)."""
     photos = tmp_path / "holdout"
     photos.mkdir()
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (300, 320, 3), dtype=np.uint8)).save(photos / "p.png")
     out = tmp_path / "quality"
     args = ["bench", "quality", "--photos", str(photos), "--out", str(out), "--crops-per-photo", "2"]
-    result = CliRunner().invoke(app, args)
+    return CliRunner().invoke(app, [*args, *extra]), out
+
+
+def test_bench_quality_reports_every_metric_for_the_default(tmp_path):
+    result, out = _bench_quality(tmp_path, 1)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "metrics.json").read_text())
     metrics = report["metrics"]
@@ -183,13 +188,7 @@ def test_the_default_meets_issue_16s_goal_on_held_out_crops(holdout_figures) -> 
 
 
 def test_bench_quality_adds_a_tiled_student_row_equal_to_the_untiled_one_at_the_native_size(tmp_path):
-    photos = tmp_path / "holdout"
-    photos.mkdir()
-    rng = np.random.default_rng(3)
-    Image.fromarray(rng.integers(0, 255, (300, 320, 3), dtype=np.uint8)).save(photos / "p.png")
-    out = tmp_path / "quality"
-    args = ["bench", "quality", "--photos", str(photos), "--out", str(out), "--crops-per-photo", "2"]
-    result = CliRunner().invoke(app, [*args, "--tile", "256x256"])
+    result, out = _bench_quality(tmp_path, 3, "--tile", "256x256")
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["student_tiled"] == metrics["student"]  # one window at 256²: bit for bit the same

@@ -93,10 +93,7 @@ def test_item_3_a_failing_latent_does_not_fail_its_batch_mate() -> None:
     with live_server(max_queue_delay_ms=0) as live:
         live.engine.gate.clear()
         try:
-            held: list = []
-            holder = threading.Thread(target=lambda: held.append(_post_seed(live, GATED_SEED)), daemon=True)
-            holder.start()
-            assert live.engine.entered.wait(timeout=30)
+            holder, held = _hold_worker(live)
             results: dict[int, httpx.Response] = {}
             threads = [
                 threading.Thread(target=lambda s=s: results.__setitem__(s, _post_seed(live, s)), daemon=True)
@@ -117,6 +114,15 @@ def test_item_3_a_failing_latent_does_not_fail_its_batch_mate() -> None:
         _assert_documented_error(results[POISON_SEED], 500, "injected engine failure")
         metrics = httpx.get(f"{live.url}/metrics").text
         assert "pidserve_batch_failures_total 2.0" in metrics  # the batch of two, then the poison alone
+
+
+def _hold_worker(live) -> tuple[threading.Thread, list]:
+    """Occupy the only worker with a gated request (the gate is closed) until it is inside the engine."""
+    held: list = []
+    holder = threading.Thread(target=lambda: held.append(_post_seed(live, GATED_SEED)), daemon=True)
+    holder.start()
+    assert live.engine.entered.wait(timeout=30)
+    return holder, held
 
 
 def _post_seed(live, seed: int) -> httpx.Response:
@@ -268,10 +274,7 @@ def test_item_7_disconnect_while_waiting_is_a_quiet_499_and_a_queue_expiry_count
     with live_server(max_queue_delay_ms=0) as live:
         live.engine.gate.clear()
         try:
-            held: list = []
-            holder = threading.Thread(target=lambda: held.append(_post_seed(live, GATED_SEED)), daemon=True)
-            holder.start()
-            assert live.engine.entered.wait(timeout=30)
+            holder, held = _hold_worker(live)
 
             with caplog.at_level(logging.ERROR):
                 expired = httpx.post(
@@ -285,6 +288,7 @@ def test_item_7_disconnect_while_waiting_is_a_quiet_499_and_a_queue_expiry_count
         finally:
             live.engine.gate.set()
         holder.join(timeout=60)
+        assert held[0].status_code == 200  # the held request itself was never disturbed
         assert expired.status_code == 504
         time.sleep(0.3)
         gc.collect()
