@@ -10,6 +10,7 @@ exported under its command's name (engine_table, ...):
     engine     EngineTiming, time_engine, bench_engines, engine_table, write_engine_report
     http       HttpPlan, StartedServer, run_http_bench
     soak       SoakPlan, SoakReport, run_soak_bench (mixed good, bad, slow, disconnecting clients)
+    tiles      TileTiming, bench_tiles, tiles_table, write_tiles_report (time, memory vs output size)
     cascade    CascadeSetup, bench_cascade, add_quality, cascade_table, write_cascade_report
     kernels    KernelSetup, bench_kernels, kernels_table, write_kernels_report
     codecs     time_codecs, time_server_pool, codecs_table, codec_dicts
@@ -35,6 +36,8 @@ from .kernels import markdown_table as kernels_table
 from .plots import PlotsUnavailable
 from .report import command_line, write_report
 from .soak import SoakPlan, SoakReport, run_soak_bench
+from .tiles import TileTiming, bench_tiles, write_tiles_report
+from .tiles import markdown_table as tiles_table
 
 __all__ = [
     "CascadeSetup",
@@ -46,10 +49,12 @@ __all__ = [
     "SoakPlan",
     "SoakReport",
     "StartedServer",
+    "TileTiming",
     "add_quality",
     "bench_cascade",
     "bench_engines",
     "bench_kernels",
+    "bench_tiles",
     "cascade_table",
     "codec_dicts",
     "codecs_table",
@@ -60,6 +65,7 @@ __all__ = [
     "quality_table",
     "run_http_bench",
     "run_soak_bench",
+    "tiles_table",
     "time_codecs",
     "time_engine",
     "time_server_pool",
@@ -68,6 +74,7 @@ __all__ = [
     "write_kernels_report",
     "write_quality_report",
     "write_report",
+    "write_tiles_report",
     "x0_error_by_t",
     "x0_table",
 ]

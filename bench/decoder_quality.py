@@ -24,6 +24,8 @@ from tqdm import tqdm
 from pidserve.model import (
     LatentSpace,
     PiDNet,
+    TilePlan,
+    Tiling,
     TinyAutoencoder,
     decode_latent_cascade,
     get_latent_space,
@@ -49,7 +51,7 @@ class QualitySetup:
     teacher_shift: float = 3.0  # at 256 px, scaled with the side (the teacher's training shift)
     teacher_shift_base: int = 256
     seed: int = 0
-    tile: tuple[int, int] | None = None  # also decode the student tiled in windows of this size
+    tile: Tiling | None = None  # also decode the student tiled (a student_tiled row, seam scores)
 
 
 def holdout_crops(setup: QualitySetup, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +86,14 @@ def evaluate_decoders(
         "cascade": lambda z, low, g: decode_latent_cascade(ae, z, scale, space),
         "student": lambda z, low, g: sample(student, z, 0.0, generator=g),
     }
+    seams = None
     if setup.tile is not None:  # the same noise draws as "student": identical at the native size
+        tile, overlap = setup.tile.size, setup.tile.overlap
         decoders["student_tiled"] = lambda z, low, g: sample_tiled(
-            student, z, 0.0, tile=setup.tile, generator=g
+            student, z, 0.0, tile=tile, overlap=overlap, generator=g
         )
+        plan = setup.tile.plan((setup.crop, setup.crop), student.cfg.native_size, student.cfg.output_scale)
+        seams = None if plan is None else window_borders(plan)
     if teacher is not None:
         decoders["teacher"] = lambda z, low, g: sample_teacher(
             teacher, z, 0.0, steps=setup.teacher_steps, shift=shift, generator=g
@@ -103,7 +109,7 @@ def evaluate_decoders(
     results = {}
     for name, parts in outputs.items():
         pred = torch.cat(parts)
-        results[name] = quality.evaluate(to01(pred), to01(hr), to01(lr), scale)
+        results[name] = quality.evaluate(to01(pred), to01(hr), to01(lr), scale, seams)
     samples = {name: torch.cat(parts) for name, parts in outputs.items()}
     return {
         "crops": len(hr),
@@ -111,10 +117,20 @@ def evaluate_decoders(
         "scale": scale,
         "metrics": results,
         "ground_truth_blockiness": quality.blockiness(to01(hr)).mean().item(),
+        # the real photos' own score at the tiled decode's window borders (what "no seam" measures)
+        "ground_truth_seam": None if seams is None else quality.seam_score(to01(hr), *seams).mean().item(),
         "samples": samples,
         "hr": hr,
         "lr": lr,
     }
+
+
+def window_borders(plan: TilePlan) -> tuple[list[int], list[int]]:
+    """(rows, cols): where a tiled decode's windows start or end inside the image."""
+    height, width = plan.output
+    rows = sorted({p for top, _ in plan.origins for p in (top, top + plan.tile[0]) if 0 < p < height})
+    cols = sorted({p for _, left in plan.origins for p in (left, left + plan.tile[1]) if 0 < p < width})
+    return rows, cols
 
 
 # x0 error of a flow network at these times: the student's four (0.999 ... 0.342) and a low one.
@@ -166,14 +182,15 @@ def x0_table(errors: dict[str, dict[float, float]]) -> str:
 def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     lines = [
         "| decoder | PSNR (dB) ↑ | SSIM ↑ | colour error ΔE00 vs low-res ↓ | high-freq spectral distance ↓ "
-        "| blockiness (~1) | colour shift, levels (mean / max) ↓ |",
-        "|---|---|---|---|---|---|---|",
+        "| blockiness (~1) | colour shift, levels (mean / max) ↓ | seams (~1) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics.items():
+        seam = f"{m['seam']:.3f}" if "seam" in m else "-"
         lines.append(
             f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['colour_error']:.3f} | "
             f"{m['spectral_distance']:.3f} | {m['blockiness']:.3f} | "
-            f"{m['colour_shift']:.2f} / {m['colour_shift_max']:.2f} |"
+            f"{m['colour_shift']:.2f} / {m['colour_shift_max']:.2f} | {seam} |"
         )
     return "\n".join(lines)
 
@@ -190,10 +207,13 @@ def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
     from pidserve.training import save_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {k: result[k] for k in ("crops", "crop", "scale", "metrics", "ground_truth_blockiness")}
+    keys = ("crops", "crop", "scale", "metrics", "ground_truth_blockiness", "ground_truth_seam")
+    payload = {k: result.get(k) for k in keys}
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown_table(result["metrics"])
     table += f"\n\nground-truth blockiness: {result['ground_truth_blockiness']:.3f}\n"
+    if result.get("ground_truth_seam") is not None:
+        table += f"ground-truth seam score at the window borders: {result['ground_truth_seam']:.3f}\n"
     (out_dir / "table.md").write_text(table)
     count = len(result["hr"])
     pick = torch.linspace(0, count - 1, grid_columns).round().long()

@@ -21,6 +21,7 @@ on the input's device. References the tests check against: scikit-image's
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -365,6 +366,28 @@ def blockiness(img: torch.Tensor, periods: tuple[int, ...] = BLOCK_PERIODS) -> t
     return torch.stack(ratios).amax(dim=0)
 
 
+def seam_score(img: torch.Tensor, rows: Sequence[int], cols: Sequence[int]) -> torch.Tensor:
+    """How much window borders show, per image: mean |luma step| across the given lines over the mean
+    |step| elsewhere (the same ratio as `blockiness`, at a tiled decode's window borders).
+
+    img: [B, 3, H, W] in [0, 1]; rows / cols: pixel positions p where a window starts or ends (the
+    step between pixels p - 1 and p), 0 < p < H (W). Returns [B]; about 1 where no seam shows.
+    """
+    _check_images(img=img)
+    if not rows and not cols:
+        raise ValueError("seam_score needs at least one window border")
+    y = _luma(img.double())[:, 0]
+    steps = [(y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:, :] - y[:, :-1, :]).abs().transpose(1, 2)]
+    on = []
+    for s, lines in zip(steps, (cols, rows), strict=True):
+        mask = torch.zeros(s.shape[2], dtype=torch.bool, device=y.device)
+        mask[[p - 1 for p in lines]] = True
+        on.append(mask)
+    on_mean = torch.cat([s[:, :, m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
+    off_mean = torch.cat([s[:, :, ~m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
+    return on_mean / off_mean.clamp_min(1e-12)
+
+
 def colour_shift(pred: torch.Tensor, low_res_reference: torch.Tensor) -> torch.Tensor:
     """Colour cast per image: max over R, G, B of |mean(pred) - mean(low_res_reference)| in 8-bit levels.
 
@@ -380,8 +403,15 @@ def colour_shift(pred: torch.Tensor, low_res_reference: torch.Tensor) -> torch.T
     return 255 * diff.abs().amax(dim=1)
 
 
-def evaluate(pred: torch.Tensor, target: torch.Tensor, low_res: torch.Tensor, scale: int) -> dict[str, float]:
-    """All figures, each averaged over the batch (colour_shift_max: the worst image's cast).
+def evaluate(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    low_res: torch.Tensor,
+    scale: int,
+    seams: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> dict[str, float]:
+    """All figures, each averaged over the batch (colour_shift_max: the worst image's cast); with
+    `seams` (window-border rows, cols of a tiled decode) also "seam" (seam_score).
 
     pred, target: [B, 3, H, W] in [0, 1]; low_res: [B, 3, H/scale, W/scale] in [0, 1], the decoder's
     input image; scale: the SR factor. Returns {"psnr": dB, "ssim": ..., "colour_error": dE00,
@@ -398,4 +428,5 @@ def evaluate(pred: torch.Tensor, target: torch.Tensor, low_res: torch.Tensor, sc
             "blockiness": blockiness(pred).mean().item(),
             "colour_shift": shift.mean().item(),
             "colour_shift_max": shift.max().item(),
+            **({} if seams is None else {"seam": seam_score(pred, *seams).mean().item()}),
         }

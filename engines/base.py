@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pidserve.model import MAX_STUDENT_STEPS
+from pidserve.model import MAX_STUDENT_STEPS, TILING_OFF, Progress, TilePlan, Tiling
 
 MAX_SEED = 2**63 - 1  # seeds are int64 on every path (DecodeBatch, the wire formats): 0 .. MAX_SEED
 
@@ -79,6 +79,10 @@ class DecodeBatch:
     # passed, client gone), and the decode stops with DecodeAbandoned. A CUDA-graph replay (torch-compile
     # on CUDA, TensorRT) is one launch and cannot stop part-way: it asks once, before it starts.
     abandoned: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+    # This batch's tiling (model/tiling.py); None: the engine's default (EngineCapabilities.tiling).
+    tiling: Tiling | None = None
+    # Called as progress(done, total) after each chunk of windows of a tiled decode (a progress bar).
+    progress: Progress | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -92,6 +96,7 @@ class DecodeBatch:
         seed: int = 0,
         text: torch.Tensor | None = None,
         steps: int = 4,
+        tiling: Tiling | None = None,
     ) -> DecodeBatch:
         """A batch of one from a latent [C, h, w] or [1, C, h, w]."""
         latent = latent if latent.ndim == 4 else latent[None]
@@ -101,6 +106,7 @@ class DecodeBatch:
             seeds=torch.tensor([seed], dtype=torch.int64),
             text=text,
             steps=steps,
+            tiling=tiling,
         )
 
 
@@ -125,6 +131,7 @@ def stoppable(velocity: Callable, batch: DecodeBatch) -> Callable:
 class DecodeResult:
     images: torch.Tensor  # uint8 [B, H, W, 3] on the CPU
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
+    windows: int = 1  # windows per image (tiled decodes; 1: untiled)
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,10 @@ class EngineCapabilities:
     image_sizes: tuple[tuple[int, int], ...] | None = None  # None: any multiple of 16
     steps: tuple[int, ...] = tuple(range(1, MAX_STUDENT_STEPS + 1))
     text_tokens: tuple[int, ...] | None = None  # None: any count (0 = no text)
+    tiling: Tiling = TILING_OFF  # the default of batches that name none
+    # What `auto` tiling cuts into: the network's trained output size, or the one shape a fixed-shape
+    # engine was built for (its tiles are then that shape). None: this engine cannot tile.
+    native_size: tuple[int, int] | None = None
 
     @property
     def served_batch_sizes(self) -> tuple[int, ...]:
@@ -173,11 +184,19 @@ class EngineCapabilities:
             raise EngineInputError(
                 f"steps={batch.steps} is not supported; this engine runs {list(self.steps)}"
             )
+        plan = self.plan(batch)  # EngineInputError for a tiling that cannot cut this output
         size = self.image_size(latents.shape[-2:])
-        if self.image_sizes is not None and size not in self.image_sizes:
+        shape = size if plan is None else plan.tile  # what one network call sees
+        if self.image_sizes is not None and shape not in self.image_sizes:
             fits = ", ".join(f"{h}x{w}" for h, w in self.image_sizes)
+            if plan is not None:
+                raise EngineInputError(
+                    f"output {size[0]}x{size[1]} cuts into {shape[0]}x{shape[1]} windows, but this engine "
+                    f"was built for {fits} only: both sides of the output must be at least the window's"
+                )
+            hint = "" if self.native_size is None else f" (or ask for tile=auto: windows of {fits})"
             raise EngineInputError(
-                f"output size {size[0]}x{size[1]} is not built into this engine; built: {fits}"
+                f"output size {size[0]}x{size[1]} is not built into this engine; built: {fits}{hint}"
             )
         if batch.text is not None and (batch.text.ndim != 3 or batch.text.shape[0] != n):
             raise EngineInputError(f"text must be [{n}, tokens, dim]; got {list(batch.text.shape)}")
@@ -186,6 +205,19 @@ class EngineCapabilities:
             raise EngineInputError(
                 f"{tokens} text tokens given; this engine was built for {list(self.text_tokens)}"
             )
+
+    def plan(self, batch: DecodeBatch) -> TilePlan | None:
+        """The windows this batch decodes in (its own tiling, else the engine's), or None: untiled."""
+        tiling = self.tiling if batch.tiling is None else batch.tiling
+        if not tiling.enabled:
+            return None
+        if self.native_size is None:
+            raise EngineInputError(f"the {self.backend} engine does not decode in tiles; ask for tile=off")
+        size = self.image_size(batch.latents.shape[-2:])
+        try:
+            return tiling.plan(size, self.native_size, self.output_scale)
+        except ValueError as exc:
+            raise EngineInputError(f"tile={tiling}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from pidserve.model import PiDNet
+from pidserve.model import TILING_OFF, PiDNet, Tiling
 
 from .base import Engine, EngineConfigError, ShapeProfile
 
@@ -35,28 +35,28 @@ def open_engine(
     cache_dir: str | Path | None = None,
     compile_mode: str | None = None,
     attention_backend: str = "auto",
-    tile: tuple[int, int] | None = None,
+    tiling: Tiling | str | None = None,
 ) -> Engine:
     """Open `backend`.
 
     torch, torch-compile: run `net` on `device` in `precision`; optionally only the served
         `batch_sizes` (partial batches padded) and `image_sizes` (needed by torch-compile's warmup).
         torch-compile takes torch.compile's `compile_mode` (default: "default"). Both take the
-        `attention_backend` (attention.py; default auto: PyTorch's choice). The torch backend takes
-        `tile` (HxW output pixels): outputs larger than it decode in blended windows of that size
-        (model/tiling.py); the other backends do not tile yet.
+        `attention_backend` (attention.py; default auto: PyTorch's choice).
     onnxruntime: run `engine_dir` (an ONNX export); or export `net` for `profile` into a cache
         directory keyed by the weights and the profile, then run it.
     tensorrt: run the built engine directory `engine_dir` (`pidserve build`).
+    Every backend takes `tiling` ('off', 'auto', 'HxW[:overlap]' or a Tiling; default off): the default
+    of batches that name none. Larger outputs decode in blended windows (model/tiling.py); fixed-shape
+    engines (onnxruntime, tensorrt) tile in windows of the one size they were built for.
     """
+    tiling = parse_tiling(tiling)
     if backend not in BACKENDS:
         raise EngineConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend not in ("torch", "torch-compile") and attention_backend != "auto":
         raise EngineConfigError(
             f"the attention backend is chosen by the torch backends only; the {backend} backend uses auto"
         )
-    if tile is not None and backend != "torch":
-        raise EngineConfigError(f"tiled decoding runs on the torch backend only so far, not {backend}")
     if backend in ("torch", "torch-compile"):
         if net is None:
             raise EngineConfigError(f"the {backend} backend needs a model (a checkpoint)")
@@ -66,7 +66,7 @@ def open_engine(
             if compile_mode is not None:
                 raise EngineConfigError("compile_mode is for the torch-compile backend only")
             return TorchEngine(
-                net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tile=tile
+                net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tiling
             )
         return TorchCompileEngine(
             net,
@@ -77,6 +77,7 @@ def open_engine(
             batch_sizes=batch_sizes,
             image_sizes=image_sizes,
             attention_backend=attention_backend,
+            tiling=tiling,
         )
     if backend == "onnxruntime":
         if device != "cpu" or precision != "fp32":
@@ -91,12 +92,24 @@ def open_engine(
                     "the onnxruntime backend needs an export directory, or a model and a size"
                 )
             engine_dir = exported_for(net, profile, cache_dir)
-        return OnnxRuntimeEngine(engine_dir)
+        return OnnxRuntimeEngine(engine_dir, tiling=tiling)
     if engine_dir is None:
         raise EngineConfigError("the tensorrt backend needs an engine directory built by `pidserve build`")
     from .tensorrt_engine import TensorRTEngine
 
-    return TensorRTEngine(engine_dir)
+    return TensorRTEngine(engine_dir, tiling=tiling)
+
+
+def parse_tiling(tiling: Tiling | str | None) -> Tiling:
+    """A Tiling from its text form ('off', 'auto', 'HxW', 'HxW:overlap'); None: off."""
+    if tiling is None:
+        return TILING_OFF
+    if isinstance(tiling, Tiling):
+        return tiling
+    try:
+        return Tiling.parse(tiling)
+    except ValueError as exc:
+        raise EngineConfigError(str(exc)) from None
 
 
 def weights_digest(net: PiDNet) -> str:

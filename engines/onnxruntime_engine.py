@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pidserve import kernels
-from pidserve.model import PiDConfig, student_steps, student_timesteps
+from pidserve.model import TILING_OFF, PiDConfig, TilePlan, Tiling, student_steps, student_timesteps
 
 from .base import (
     DecodeBatch,
@@ -28,6 +28,7 @@ from .base import (
     seeded_noises,
     stoppable,
 )
+from .tiled import decode_tiled
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class OnnxRuntimeEngine(Engine):
 
     backend = "onnxruntime"
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, export_dir: str | Path, threads: int | None = None, tiling: Tiling = TILING_OFF
+    ) -> None:
+        """tiling: the default of batches that name none; windows are the export's one image size."""
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -77,6 +81,8 @@ class OnnxRuntimeEngine(Engine):
             max_batch=self.profile.max_batch,
             image_sizes=(self.profile.image_size,),
             text_tokens=(self.profile.text_tokens,),
+            tiling=tiling,
+            native_size=self.profile.image_size,
         )
         log.info(
             "engine: backend=onnxruntime provider=%s threads=%d export=%s",
@@ -91,30 +97,57 @@ class OnnxRuntimeEngine(Engine):
 
     def decode(self, batch: DecodeBatch) -> DecodeResult:
         self._caps.check(batch)
+        plan = self._caps.plan(batch)
         timer = StageTimer(torch.device("cpu"))
-        height, width = self.profile.image_size
+        height, width = self._caps.image_size(batch.latents.shape[-2:])
         with timer.stage("noise"):
             noises = seeded_noises(
                 batch.seeds, (batch.size, 3, height, width), batch.steps, torch.device("cpu")
             )
-        with timer.stage("condition"):
-            feeds = {"latent": _np(batch.latents)}
-            if batch.text is not None:
-                feeds["text"] = _np(batch.text)
-            features = dict(zip(self._condition_outputs, self._condition.run(None, feeds), strict=True))
-        sigma = _np(batch.sigmas)
-
-        def velocity(x_t: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
-            step_feeds = {"x_t": _np(x_t), "t_scaled": _np(t_scaled), "sigma": sigma, **features}
-            step_feeds = {k: v for k, v in step_feeds.items() if k in self._step_inputs}
-            return torch.from_numpy(self._step.run(None, step_feeds)[0])
-
-        with timer.stage("steps"):
-            draws = iter(noises)
-            x0 = student_steps(stoppable(velocity, batch), draws.__next__, student_timesteps(batch.steps))
+        if plan is not None:
+            with timer.stage("tiled"):
+                x0 = self._decode_tiled(plan, batch, noises)
+        else:
+            with timer.stage("condition"):
+                features = self._features(batch.latents, batch.sigmas, batch.text)
+            with timer.stage("steps"):
+                draws = iter(noises)
+                velocity = stoppable(lambda x, t: self._velocity(features, x, t), batch)
+                x0 = student_steps(velocity, draws.__next__, student_timesteps(batch.steps))
         with timer.stage("postprocess"):
             images = kernels.postprocess(x0)
-        return DecodeResult(images=images, timings=timer.result())
+        return DecodeResult(images=images, timings=timer.result(), windows=1 if plan is None else plan.count)
+
+    def _decode_tiled(self, plan: TilePlan, batch: DecodeBatch, noises: list[torch.Tensor]) -> torch.Tensor:
+        """Windows of the export's size, up to its largest batch of window rows per graph run."""
+        return decode_tiled(
+            plan,
+            batch,
+            batch.latents,
+            batch.sigmas,
+            batch.text,
+            noises,
+            self.profile.max_batch,
+            self._features,
+            self._velocity,
+        )
+
+    def _features(
+        self, latent: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor | None
+    ) -> dict[str, np.ndarray]:
+        """condition.onnx's outputs (and the sigma the step graph reads) for these rows."""
+        feeds = {"latent": _np(latent)}
+        if text is not None:
+            feeds["text"] = _np(text)
+        features = dict(zip(self._condition_outputs, self._condition.run(None, feeds), strict=True))
+        return {**features, "sigma": _np(sigma)}
+
+    def _velocity(
+        self, features: dict[str, np.ndarray], x_t: torch.Tensor, t_scaled: torch.Tensor
+    ) -> torch.Tensor:
+        step_feeds = {"x_t": _np(x_t), "t_scaled": _np(t_scaled), **features}
+        step_feeds = {k: v for k, v in step_feeds.items() if k in self._step_inputs}
+        return torch.from_numpy(self._step.run(None, step_feeds)[0])
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:

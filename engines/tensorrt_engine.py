@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from pidserve import kernels
-from pidserve.model import MAX_STUDENT_STEPS, PiDConfig, student_steps, student_timesteps
+from pidserve.model import (
+    MAX_STUDENT_STEPS,
+    TILING_OFF,
+    PiDConfig,
+    TilePlan,
+    Tiling,
+    student_steps,
+    student_timesteps,
+)
 
 from .base import (
     DecodeBatch,
@@ -58,6 +66,7 @@ from .base import (
 from .cuda_graphs import GraphCapture
 from .gpu_classes import check_precision, current_gpu
 from .manifest import EngineManifest, check_compatible, read_manifest
+from .tiled import decode_tiled
 from .trt_support import (
     GraphRunner,
     check_io_names,
@@ -88,8 +97,11 @@ def single_profile(manifest: EngineManifest) -> ShapeProfile:
     return profiles[0]
 
 
-def capabilities_from_manifest(manifest: EngineManifest, device: torch.device | str) -> EngineCapabilities:
-    """What an engine directory decodes: one output size and text length, its batch sizes, 1-4 steps."""
+def capabilities_from_manifest(
+    manifest: EngineManifest, device: torch.device | str, tiling: Tiling = TILING_OFF
+) -> EngineCapabilities:
+    """What an engine directory decodes: one output size and text length, its batch sizes, 1-4 steps;
+    tiled, any larger output whose windows are that size."""
     cfg = manifest.pid_config()
     profile = single_profile(manifest)
     height, width = profile.image_size
@@ -107,6 +119,8 @@ def capabilities_from_manifest(manifest: EngineManifest, device: torch.device | 
         image_sizes=((height, width),),
         steps=tuple(range(1, MAX_STUDENT_STEPS + 1)),
         text_tokens=(profile.text_tokens,),
+        tiling=tiling,
+        native_size=(height, width),
     )
 
 
@@ -242,6 +256,7 @@ class StaticDecoder:
             condition.bind(b, views)
             step.bind(b, views)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._window_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # tiled decodes, per batch size
         # One pool and one capture stream for every graph (cuda_graphs.py); no graph output lives in
         # the pool: outputs land in the static buffers above.
         self._capture = GraphCapture(device) if self.cuda_graphs else None
@@ -274,6 +289,73 @@ class StaticDecoder:
             with timer.stage("d2h"):
                 images = copy_to_host(views["images"][:n])
         return DecodeResult(images=images, timings=timer.result())
+
+    def decode_tiled(self, plan: TilePlan, batch: DecodeBatch) -> DecodeResult:
+        """A larger output in windows of the built size (engines/tiled.py): per step and chunk of
+        window rows, the condition and step plans run on the static buffers of the chunk's batch size.
+
+        The condition plan runs again at every step (its outputs live in the one set of static
+        buffers), which keeps device memory at one chunk's whatever the output size. On CUDA each
+        batch size's condition + step pair is one CUDA graph, shared by every output size."""
+        timer = StageTimer(self.device)
+        height, width = plan.output
+        with torch.no_grad():
+            with timer.stage("h2d"):
+                latents = batch.latents.to(self.device, non_blocking=True)
+                sigmas = batch.sigmas.to(self.device, non_blocking=True)
+                text = None if batch.text is None else batch.text.to(self.device, non_blocking=True)
+            with timer.stage("noise"):
+                shape = (batch.size, self.cfg.in_channels, height, width)
+                noises = seeded_noises(batch.seeds, shape, batch.steps, self.device)
+
+            def velocity(rows: tuple, x_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+                latent_rows, sigma_rows, text_rows = rows
+                size = x_rows.shape[0]
+                views = self._views[size]
+                views["latent"].copy_(latent_rows)
+                views["sigma"].copy_(sigma_rows)
+                if text_rows is not None and "text" in views:
+                    views["text"].copy_(text_rows)
+                views["x_t"].copy_(x_rows)
+                views["t_scaled"].copy_(t_rows)
+                self._run_window(size)
+                return views["velocity"]  # read (blended) before the next chunk overwrites it
+
+            with on_device(self.device), timer.stage("tiled"):
+                x0 = decode_tiled(
+                    plan,
+                    batch,
+                    latents,
+                    sigmas,
+                    text,
+                    noises,
+                    max(self.batch_sizes),
+                    lambda *rows: rows,  # conditioned again with every step (see above)
+                    velocity,
+                    self.batch_sizes,
+                )
+            with timer.stage("postprocess"):
+                pixels = kernels.postprocess(x0)
+            with timer.stage("d2h"):
+                images = copy_to_host(pixels)
+        return DecodeResult(images=images, timings=timer.result(), windows=plan.count)
+
+    def _run_window(self, size: int) -> None:
+        """condition + step on the static buffers of batch `size` (one CUDA graph per size on CUDA)."""
+
+        def window() -> None:
+            self._condition.run(size)
+            self._step.run(size)
+
+        if self._capture is None:
+            window()
+            return
+        graph = self._window_graphs.get(size)
+        if graph is None:
+            log.info("capturing the window step (condition + step) at batch %d as a CUDA graph", size)
+            graph, _ = self._capture.capture(window)
+            self._window_graphs[size] = graph
+        graph.replay()
 
     def warmup(self, steps: int = MAX_STUDENT_STEPS) -> None:
         """Run (and on CUDA capture) the decode of every batch size once, on the current buffers."""
@@ -320,6 +402,7 @@ class StaticDecoder:
 
     def close(self) -> None:
         self._graphs.clear()
+        self._window_graphs.clear()
         self._views.clear()
         self._flat.clear()
 
@@ -335,9 +418,15 @@ class TensorRTEngine(Engine):
     backend = BACKEND
 
     def __init__(
-        self, engine_dir: str | Path, device: str | torch.device = "cuda", cuda_graphs: bool = True
+        self,
+        engine_dir: str | Path,
+        device: str | torch.device = "cuda",
+        cuda_graphs: bool = True,
+        tiling: Tiling = TILING_OFF,
     ) -> None:
+        """tiling: the default of batches that name none; windows are the built image size."""
         self.engine_dir = Path(engine_dir)
+        self.tiling = tiling
         self.check(device)
         self.load()
         self.bind(cuda_graphs)
@@ -369,7 +458,7 @@ class TensorRTEngine(Engine):
         self.trt_version = require_tensorrt()
         check_compatible(self.manifest, gpu_name, capability, self.trt_version, engine_dir=self.engine_dir)
         check_precision(self.manifest.precision, capability, gpu_name)
-        self._caps = capabilities_from_manifest(self.manifest, self.device)
+        self._caps = capabilities_from_manifest(self.manifest, self.device, self.tiling)
         self.cfg = self.manifest.pid_config()
         self.profile = single_profile(self.manifest)
 
@@ -419,6 +508,9 @@ class TensorRTEngine(Engine):
 
     def decode(self, batch: DecodeBatch) -> DecodeResult:
         self._caps.check(batch)
+        plan = self._caps.plan(batch)
+        if plan is not None:  # window by window: asks batch.abandoned before every chunk
+            return self._decoder.decode_tiled(plan, batch)
         stop_if_abandoned(batch)  # one graph replay: it can only be skipped before it starts
         return self._decoder.decode(batch)
 

@@ -6,6 +6,7 @@ with per-sample seeded noise, fused uint8 post-process, then one device-to-host 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from pidserve import kernels
-from pidserve.model import Conditioning, PiDNet, sample_tiled, student_steps, student_timesteps
+from pidserve.model import (
+    TILING_OFF,
+    Conditioning,
+    PiDNet,
+    TilePlan,
+    Tiling,
+    student_steps,
+    student_timesteps,
+)
 
 from .attention import attention_context, check_attention_backend, resolve_attention_backend
 from .base import (
@@ -35,6 +44,7 @@ from .base import (
 )
 from .cuda_graphs import GraphCapture
 from .fp8_linear import check_fp8_matmul, convert_to_fp8, has_fp8_layers
+from .tiled import decode_tiled
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +109,14 @@ class TorchEngine(Engine):
         batch_sizes: Sequence[int] | None = None,
         image_sizes: Sequence[tuple[int, int]] | None = None,
         attention_backend: str = "auto",
-        tile: tuple[int, int] | None = None,
-        tile_overlap: int = 64,
+        tiling: Tiling = TILING_OFF,
     ) -> None:
         """batch_sizes: serve only these (a batch of n runs padded to the next one); None: any size
         up to max_batch. image_sizes: serve only these output sizes; None: any multiple of 16.
         attention_backend: the scaled-dot-product-attention kernel to use (attention.py; auto: torch's).
-        tile: decode outputs larger than this (H, W) in windows of it, blended per step (model/tiling.py;
-        such decodes do not stop between steps on an abandoned batch)."""
-        self.tile, self.tile_overlap = tile, tile_overlap
+        tiling: how batches that name none are cut into windows (model/tiling.py; `auto`: windows of
+        the network's native size `cfg.native_size`); a tiled decode runs max_batch window rows at a
+        time."""
         self.device = _check_device_and_precision(self.backend, device, precision)
         check_attention_backend(attention_backend, self.device)
         # auto: the kernel measured fastest on this GPU where one was measured (attention.py)
@@ -148,6 +157,8 @@ class TorchEngine(Engine):
             max_batch=max_batch,
             batch_sizes=batch_sizes,
             image_sizes=None if image_sizes is None else tuple(tuple(size) for size in image_sizes),
+            tiling=tiling,
+            native_size=cfg.native_size,
         )
         log.info(
             "engine: backend=%s device=%s precision=%s attention=%s",
@@ -168,6 +179,7 @@ class TorchEngine(Engine):
             batch = _pad(batch, padded_batch_size(n, self._caps.batch_sizes))
         timer = StageTimer(self.device)
         height, width = self._caps.image_size(batch.latents.shape[-2:])
+        plan = self._caps.plan(batch)
         with torch.inference_mode():
             with timer.stage("h2d"):
                 latents = batch.latents.to(self.device, non_blocking=True)
@@ -177,10 +189,44 @@ class TorchEngine(Engine):
                 noises = seeded_noises(batch.seeds, (batch.size, 3, height, width), batch.steps, self.device)
             # Compilation and graph capture happen inside _compute, so they see the attention choice too.
             with on_device(self.device), attention_context(self.attention_backend):
-                pixels = self._compute(latents, sigmas, noises, text, timer, batch)
+                if plan is None:
+                    pixels = self._compute(latents, sigmas, noises, text, timer, batch)
+                else:
+                    with timer.stage("tiled"):
+                        x0 = self._compute_tiled(plan, latents, sigmas, noises, text, batch)
+                    with timer.stage("postprocess"):
+                        pixels = kernels.postprocess(x0)
             with timer.stage("d2h"):
                 images = copy_to_host(pixels[:n])
-        return DecodeResult(images=images, timings=timer.result())
+        return DecodeResult(images=images, timings=timer.result(), windows=1 if plan is None else plan.count)
+
+    def _compute_tiled(
+        self,
+        plan: TilePlan,
+        latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        noises: list[torch.Tensor],
+        text: torch.Tensor | None,
+        batch: DecodeBatch,
+    ) -> torch.Tensor:
+        """x0 of a tiled decode: the eager network on max_batch window rows at a time."""
+
+        def condition(latent_rows, sigma_rows, text_rows) -> Conditioning:
+            return self.net.condition(latent_rows, sigma_rows, text_rows, image_size=plan.tile)
+
+        network, row_counts = self._window_network()
+
+        def velocity(cond: Conditioning, x_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+            return network(x_rows, t_rows, cond)
+
+        row_batch = self._caps.max_batch
+        return decode_tiled(
+            plan, batch, latents, sigmas, text, noises, row_batch, condition, velocity, row_counts
+        )
+
+    def _window_network(self) -> tuple[Velocity, tuple[int, ...] | None]:
+        """The network step tiled decodes run on window rows, and the row counts it takes (None: any)."""
+        return self.net.velocity, None
 
     def _compute(
         self,
@@ -192,16 +238,6 @@ class TorchEngine(Engine):
         batch: DecodeBatch,
     ) -> torch.Tensor:
         """The decode on the device; eager, so it stops between steps when `batch.abandoned` says so."""
-        if self.tile is not None and (
-            latents.shape[-2] * self._caps.output_scale > self.tile[0]
-            or latents.shape[-1] * self._caps.output_scale > self.tile[1]
-        ):
-            stop_if_abandoned(batch)
-            x0 = sample_tiled(
-                self.net, latents, sigmas, text, len(noises), self.tile, self.tile_overlap, noises
-            )
-            with timer.stage("postprocess"):
-                return kernels.postprocess(x0)
         return decode_on_device(
             self.net, latents, sigmas, noises, text, stoppable(self.net.velocity, batch), timer
         )
@@ -217,8 +253,8 @@ def _pad(batch: DecodeBatch, size: int) -> DecodeBatch:
         return torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
 
     text = None if batch.text is None else grow(batch.text)
-    return DecodeBatch(
-        grow(batch.latents), grow(batch.sigmas), grow(batch.seeds), text, batch.steps, batch.abandoned
+    return dataclasses.replace(
+        batch, latents=grow(batch.latents), sigmas=grow(batch.sigmas), seeds=grow(batch.seeds), text=text
     )
 
 
@@ -260,6 +296,7 @@ class TorchCompileEngine(TorchEngine):
         batch_sizes: Sequence[int] | None = None,
         image_sizes: Sequence[tuple[int, int]] | None = None,
         attention_backend: str = "auto",
+        tiling: Tiling = TILING_OFF,
     ) -> None:
         # Mode "default" (None) on every device: on an H100, 2k flux at 2048² compiles in well under a
         # minute per shape and runs 1.55x faster than eager (bench/RESULTS.md); "max-autotune-no-cudagraphs"
@@ -271,7 +308,9 @@ class TorchCompileEngine(TorchEngine):
                 f"torch.compile mode {compile_mode!r} captures its own CUDA graphs, which conflicts with the "
                 "engine's capture of the whole decode; use 'default' or 'max-autotune-no-cudagraphs'"
             )
-        super().__init__(net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend)
+        super().__init__(
+            net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tiling
+        )
         # dynamic=False compiles once per (batch size, image size); past dynamo's recompile limit it
         # would quietly run eager, so the limit covers every served shape.
         served = len(self._caps.served_batch_sizes) * max(1, len(image_sizes or ()))
@@ -282,6 +321,11 @@ class TorchCompileEngine(TorchEngine):
         self._graphs: dict[tuple, _CapturedDecode] = {}
         self._capture = GraphCapture(self.device) if self.device.type == "cuda" else None
         log.info("torch.compile mode=%s; CUDA graphs: %s", mode, self.device.type == "cuda")
+
+    def _window_network(self) -> tuple[Velocity, tuple[int, ...] | None]:
+        """Tiled decodes run the compiled step on chunks padded to max_batch window rows: one compiled
+        shape (the window's) serves every output size. Step by step, also on CUDA (no graph yet)."""
+        return self.velocity, (self._caps.max_batch,)
 
     def _compute(
         self,

@@ -6,6 +6,7 @@ Public API (other folders use exactly these names; the modules behind them are p
     checkpoints:  load_checkpoint, save_checkpoint, read_checkpoint, CheckpointError, load_decoder,
                   DEFAULT_CHECKPOINT, load_tiny_autoencoder
     sampling:     sample, sample_tiled (windows of the native size, blended per step), tiled_window_count,
+                  Tiling, TILING_OFF, TilePlan, tiled_velocity, Progress (the tiled path of every engine),
                   sample_teacher,
                   student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
                   the flow-matching pieces training uses: FM_TIMESCALE, flow_noise, predict_x0, shift_time,
@@ -31,7 +32,7 @@ from .checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import PRESETS, RELEASED_CHECKPOINTS, PiDConfig, parse_image_size
 from .default import DEFAULT_MODEL_NAME, decode_latent_cascade, encode_image, load_default_autoencoder
 from .errors import CheckpointError, LatentError
-from .flops import decode_flops
+from .flops import decode_flops, tiled_decode_flops
 from .info import describe_config, matching_variants, parameter_counts
 from .latents import LatentSpace, get_latent_space, unpack_sequence, validate_sigma
 from .layers import RMSNorm, modulate, to_patches
@@ -51,7 +52,8 @@ from .sampler import (
     to_uint8_hwc,
 )
 from .text import TextEncoder
-from .tiling import sample_tiled, tiled_window_count
+from .tiling import OFF as TILING_OFF
+from .tiling import Progress, TilePlan, Tiling, sample_tiled, tiled_velocity, tiled_window_count
 from .vae_decoder import VAE_CONFIGS, VAEDecoder, load_vae_decoder
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "MAX_STUDENT_STEPS",
     "PRESETS",
     "RELEASED_CHECKPOINTS",
+    "TILING_OFF",
     "VAE_CONFIGS",
     "AutoencoderConfig",
     "CheckpointError",
@@ -69,8 +72,11 @@ __all__ = [
     "LatentSpace",
     "PiDConfig",
     "PiDNet",
+    "Progress",
     "RMSNorm",
     "TextEncoder",
+    "TilePlan",
+    "Tiling",
     "TinyAutoencoder",
     "VAEDecoder",
     "decode_flops",
@@ -101,6 +107,8 @@ __all__ = [
     "shift_time",
     "student_steps",
     "student_timesteps",
+    "tiled_decode_flops",
+    "tiled_velocity",
     "tiled_window_count",
     "to_patches",
     "to_uint8_hwc",

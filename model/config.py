@@ -44,6 +44,9 @@ class PiDConfig:
     text_rope_theta: float = 10000.0
     # NTK-aware RoPE: the reference output size (pixels) at which theta is exactly 10000.
     rope_ref_size: tuple[int, int] = (1024, 1024)
+    # The output size the checkpoint was trained at (what tile=auto cuts larger outputs into, see
+    # tiling.py); None: rope_ref_size (the test models and the embedded default train at that size).
+    trained_size: tuple[int, int] | None = None
 
     # Latent adapter and gates.
     latent_channels: int = 16
@@ -138,6 +141,7 @@ class PiDConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rope_ref_size"] = list(self.rope_ref_size)
+        d["trained_size"] = None if self.trained_size is None else list(self.trained_size)
         return d
 
     def to_json(self) -> str:
@@ -152,9 +156,16 @@ class PiDConfig:
         d = dict(d)
         if "rope_ref_size" in d:
             d["rope_ref_size"] = tuple(int(v) for v in d["rope_ref_size"])
+        if d.get("trained_size") is not None:
+            d["trained_size"] = tuple(int(v) for v in d["trained_size"])
         cfg = cls(**d)
         cfg.validate()
         return cfg
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """The output size (H, W) this network was trained at: the window of tile=auto."""
+        return self.trained_size or self.rope_ref_size
 
     def replace(self, **changes: Any) -> PiDConfig:
         cfg = dataclasses.replace(self, **changes)
@@ -275,7 +286,7 @@ def _guess_latent_space(ours: dict[str, Any]) -> str:
 
 # ---- presets ------------------------------------------------------------------------------
 def _v1(**changes: Any) -> PiDConfig:
-    return dataclasses.replace(PiDConfig(), **changes)
+    return dataclasses.replace(PiDConfig(trained_size=(2048, 2048)), **changes)
 
 
 def _v1pt5(**changes: Any) -> PiDConfig:
@@ -287,6 +298,7 @@ def _v1pt5(**changes: Any) -> PiDConfig:
         pixel_gate=True,
         aux_rgb_head=True,
         rope_ref_size=(2048, 2048),
+        trained_size=(4096, 4096),  # every released v1.5 variant is a 2k -> 4k model
     )
     return dataclasses.replace(base, **changes)
 
@@ -317,8 +329,8 @@ PRESETS: dict[str, PiDConfig] = {
     "2k_flux2": _v1(latent_channels=128, latent_downsample=16, latent_space="flux2"),
     "2k_rae": _v1(latent_channels=768, latent_downsample=16, latent_space="dinov2-rae"),
     "2k_scale_rae": _v1(latent_channels=1152, latent_downsample=16, sr_scale=8, latent_space="siglip2-rae"),
-    "2kto4k_sd3": _v1(latent_space="sd3"),
-    "2kto4k_sdxl": _v1(latent_channels=4, latent_space="sdxl"),
+    "2kto4k_sd3": _v1(latent_space="sd3", trained_size=(4096, 4096)),
+    "2kto4k_sdxl": _v1(latent_channels=4, latent_space="sdxl", trained_size=(4096, 4096)),
     "2kto4k_v1pt5_flux": _v1pt5(latent_space="flux1"),
     "2kto4k_v1pt5_flux2": _v1pt5(
         latent_channels=128, latent_downsample=16, latent_unpatchify=2, latent_space="flux2"

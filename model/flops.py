@@ -8,8 +8,12 @@ Not counted: norms, activations, softmax, RoPE and other elementwise work.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from .config import PiDConfig
+
+if TYPE_CHECKING:
+    from .tiling import TilePlan
 
 
 @dataclass(frozen=True)
@@ -103,3 +107,11 @@ def decode_flops(
     return condition_flops(cfg, height, width, text_len, batch) + step_flops(
         cfg, height, width, text_len, batch
     ).scaled(steps)
+
+
+def tiled_decode_flops(
+    cfg: PiDConfig, plan: TilePlan, steps: int = 4, text_len: int | None = None, batch: int = 1
+) -> FlopBreakdown:
+    """FLOPs of a tiled decode (model/tiling.py): every window is a whole decode of the window's size
+    (its own conditioning, then `steps` evaluations); the blending is elementwise and not counted."""
+    return decode_flops(cfg, *plan.tile, steps=steps, text_len=text_len, batch=batch).scaled(plan.count)

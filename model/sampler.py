@@ -88,7 +88,7 @@ def sample(
     cond = cond or net.condition(latent, torch.as_tensor(sigma), text)
     height, width = cond.image_size
     shape = (latent.shape[0], 3, height, width)
-    draw = _noise_source(shape, latent.device, noises, generator, expected=steps)
+    draw = noise_source(shape, latent.device, noises, generator, expected=steps)
     return student_steps(lambda x, t_scaled: net.velocity(x, t_scaled, cond), draw, t_list, callback)
 
 
@@ -122,7 +122,7 @@ def student_steps(
     return x.clamp(-1, 1)
 
 
-def _noise_source(
+def noise_source(
     shape: tuple[int, ...],
     device: torch.device,
     noises: Sequence[torch.Tensor] | None,
@@ -259,7 +259,7 @@ def sample_teacher(
     uncond = net.condition(latent, sigma, negative_text) if cfg_scale != 1.0 else None
     batch = latent.shape[0]
     shape = (batch, 3, *cond.image_size)
-    x = _noise_source(shape, latent.device, None if noise is None else [noise], generator, expected=1)()
+    x = noise_source(shape, latent.device, None if noise is None else [noise], generator, expected=1)()
 
     def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t_scaled = (t * FM_TIMESCALE).expand(batch)

@@ -1,29 +1,99 @@
 """Tiled decoding: any output size as overlapping windows of the network's native size, blended at
 every sampler step (MultiDiffusion-style), so cost grows with the area and memory with one window batch.
 
-    windows        window origins covering the image: stride tile - overlap, the last window of each
-                   axis shifted inward to end at the border (never padded with made-up content),
-                   every origin on the latent grid (a window is a whole latent crop)
-    blend_weights  per-window weights: 1 inside, ramping down across the overlap, never 0
-    sample_tiled   the student rollout on the whole image: at each step every window's x0 comes from
-                   the network on that window (its own latent crop and conditioning, the native
-                   positions), the x0s are averaged with the normalised weights, then the whole image
-                   is re-noised with one draw, as untiled sampling does
+    Tiling         what a user asks for: off, auto (windows of the native size), or a window size
+                   and overlap ("256x256", "256x256:32")
+    TilePlan       the windows of one output size: origins (stride tile - overlap, the last window of
+                   each axis shifted inward to end at the border, never padded with made-up content,
+                   every origin on the latent grid so a window is a whole latent crop) and the
+                   normalised blend weights (1 inside, ramping down across the overlap, never 0)
+    tiled_velocity the one tiled code path of every backend: wraps a backend's network-on-window-rows
+                   into a velocity over the whole image, for the shared student sampler
+    sample_tiled   the eager PiDNet rollout through tiled_velocity (tests, bench quality)
 
-The noise is drawn for the whole image from the generator (or given), so a seed's pixels do not
-depend on the window layout's batching; with one window covering the image, tiled equals untiled
-bit for bit (its normalised weight is exactly 1).
+Why blending velocities is blending x0: each window's x0 is x_w - t v_w and the normalised weights sum
+to 1 at every pixel, so sum_i w_i x0_i = x - t sum_i w_i v_i. The sampler itself (student_steps, the
+re-noising with one whole-image draw) is therefore the untiled one, untouched: a seed's noise does not
+depend on the window layout, and with one window covering the image (weight exactly 1) tiled equals
+untiled bit for bit.
+
+Rows: a batch of B images in N windows is N * B network rows, window-major (window 0's B samples,
+then window 1's, ...). Backends run the rows `row_batch` at a time, each chunk a batch of windows of
+one shape: what bounds activation memory, and what lets one fixed-shape engine (a TensorRT profile, a
+CUDA graph) serve every output size.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .network import Conditioning, PiDNet
-from .sampler import StepCallback, StepRecord, _noise_source, student_timesteps
+from .network import PiDNet
+from .sampler import StepCallback, noise_source, student_steps, student_timesteps
+
+# "256x256" or "256x256:32" (window height x width, optional overlap), in output pixels
+_TILE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How decodes are cut into windows.
+
+    enabled False: never (an output the engine cannot decode whole is refused). size None: windows of
+    the network's native output size ("auto"). overlap None: a quarter of the window's shorter side,
+    rounded down to the latent grid. Outputs that fit in one window always decode untiled.
+    """
+
+    enabled: bool = True
+    size: tuple[int, int] | None = None
+    overlap: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Tiling:
+        """'off', 'auto', 'HxW' or 'HxW:OVERLAP' (output pixels); ValueError says what was wrong."""
+        word = text.strip().lower()
+        if word == "off":
+            return OFF
+        if word == "auto":
+            return cls()
+        match = _TILE_PATTERN.match(word)
+        if match is None:
+            raise ValueError(f"tile {text!r} is not 'off', 'auto', 'HxW' or 'HxW:OVERLAP' (e.g. 256x256:64)")
+        height, width = int(match[1]), int(match[2])
+        overlap = None if match[3] is None else int(match[3])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"tile {text!r}: the window must be at least 1x1")
+        return cls(True, (height, width), overlap)
+
+    def __str__(self) -> str:
+        if not self.enabled:
+            return "off"
+        if self.size is None:
+            return "auto" if self.overlap is None else f"auto:{self.overlap}"
+        text = f"{self.size[0]}x{self.size[1]}"
+        return text if self.overlap is None else f"{text}:{self.overlap}"
+
+    def plan(self, output: tuple[int, int], native: tuple[int, int], grid: int) -> TilePlan | None:
+        """The windows for an `output` (H, W), or None when it decodes untiled (off, or one window).
+
+        native: the network's trained output size (what `auto` cuts into); grid: output pixels per
+        latent cell (windows start on it). ValueError for a window or overlap off the grid."""
+        if not self.enabled:
+            return None
+        tile = self.size or native
+        if output[0] <= tile[0] and output[1] <= tile[1]:
+            return None
+        tile = (min(tile[0], output[0]), min(tile[1], output[1]))
+        overlap = self.overlap
+        if overlap is None:
+            overlap = min(tile) // 4 // grid * grid
+        return TilePlan.build(output, tile, overlap, grid)
+
+
+OFF = Tiling(enabled=False)
 
 
 def windows(size: int, tile: int, overlap: int, grid: int) -> list[int]:
@@ -37,14 +107,6 @@ def windows(size: int, tile: int, overlap: int, grid: int) -> list[int]:
     stride = tile - overlap
     origins = list(range(0, size - tile, stride))
     return [*origins, size - tile]  # the last window ends at the border (shifted inward)
-
-
-def tiled_window_count(size: tuple[int, int], tile: tuple[int, int], grid: int, overlap: int = 64) -> int:
-    """How many windows sample_tiled runs for an output `size` (the server's cost model counts them)."""
-    return math.prod(
-        len(windows(full, min(side, full), min(overlap, min(side, full) - grid), grid))
-        for full, side in zip(size, tile, strict=True)
-    )
 
 
 def blend_weights(tile: tuple[int, int], overlap: int, device: torch.device) -> torch.Tensor:
@@ -61,6 +123,133 @@ def blend_weights(tile: tuple[int, int], overlap: int, device: torch.device) -> 
     return (axes[0][:, None] * axes[1][None, :])[None, None]
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """The windows of one output size. Sizes in output pixels; `grid` = output pixels per latent cell."""
+
+    output: tuple[int, int]
+    tile: tuple[int, int]
+    overlap: int
+    grid: int
+    origins: tuple[tuple[int, int], ...]  # (top, left) of each window, row-major
+
+    @classmethod
+    def build(cls, output: tuple[int, int], tile: tuple[int, int], overlap: int, grid: int) -> TilePlan:
+        """ValueError when the window, the overlap or the output is off the latent grid."""
+        height, width = output
+        if height % grid or width % grid:
+            raise ValueError(f"output {height}x{width} is not a multiple of {grid} pixels (one latent cell)")
+        overlap = min(overlap, tile[0] - grid, tile[1] - grid)
+        origins = tuple(
+            (top, left)
+            for top in windows(height, tile[0], overlap, grid)
+            for left in windows(width, tile[1], overlap, grid)
+        )
+        return cls(output, tile, overlap, grid, origins)
+
+    @property
+    def count(self) -> int:
+        return len(self.origins)
+
+    @property
+    def window_pixels(self) -> int:
+        return self.tile[0] * self.tile[1]
+
+    def crop(self, image: torch.Tensor, window: int) -> torch.Tensor:
+        """Window `window` of an image tensor [..., H, W] (output pixels)."""
+        top, left = self.origins[window]
+        return image[..., top : top + self.tile[0], left : left + self.tile[1]]
+
+    def latent_rows(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [N * B, C, th / grid, tw / grid]: every window's latent crop, window-major."""
+        g, (th, tw) = self.grid, self.tile
+        return torch.cat(
+            [latent[..., t // g : (t + th) // g, l // g : (l + tw) // g] for t, l in self.origins]
+        )
+
+    def repeat_rows(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """A per-sample tensor [B, ...] (sigma, text) as one row per window and sample, window-major."""
+        return per_sample.repeat(self.count, *([1] * (per_sample.ndim - 1)))
+
+    def chunk_inputs(
+        self,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text: torch.Tensor | None,
+        row_batch: int,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per chunk of rows (chunk_ranges), its (latent, sigma, text) rows: what a backend conditions on."""
+        latent_rows, sigma_rows = self.latent_rows(latent), self.repeat_rows(sigma)
+        text_rows = None if text is None else self.repeat_rows(text)
+        return [
+            (
+                latent_rows[rows.start : rows.stop],
+                sigma_rows[rows.start : rows.stop],
+                None if text_rows is None else text_rows[rows.start : rows.stop],
+            )
+            for rows in chunk_ranges(self, latent.shape[0], row_batch)
+        ]
+
+    def weights(self, device: torch.device) -> list[torch.Tensor]:
+        """Per window, its blend weight over the sum at each pixel [1, 1, th, tw] float64 (sum = 1)."""
+        weight = blend_weights(self.tile, self.overlap, device)
+        total = torch.zeros(1, 1, *self.output, dtype=torch.float64, device=device)
+        for window in range(self.count):
+            self.crop(total, window).add_(weight)
+        # With a single window this is w / w: exactly 1, so tiled equals untiled bit for bit.
+        return [weight / self.crop(total, window) for window in range(self.count)]
+
+
+# velocity_rows(chunk, x_rows, t_rows) -> v_rows: the network on rows [chunk * row_batch, ...)
+RowVelocity = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# progress(done, total): network chunks evaluated so far in this decode, of all its steps
+Progress = Callable[[int, int], None]
+
+
+def chunk_ranges(plan: TilePlan, batch: int, row_batch: int) -> list[range]:
+    """The row ranges run together: N * B rows, `row_batch` at a time (the last chunk may be short)."""
+    rows = plan.count * batch
+    return [range(start, min(start + row_batch, rows)) for start in range(0, rows, row_batch)]
+
+
+def tiled_velocity(
+    plan: TilePlan,
+    batch: int,
+    row_batch: int,
+    velocity_rows: RowVelocity,
+    steps: int,
+    progress: Progress | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A velocity over whole images [B, 3, H, W] built from a backend's network on window rows.
+
+    Each call crops every window of x, runs the chunks through `velocity_rows`, and blends the window
+    velocities with the normalised weights (in float64). `steps` only sizes the progress total."""
+    chunks = chunk_ranges(plan, batch, row_batch)
+    weights: list[torch.Tensor] = []
+    done = 0
+
+    def velocity(x: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if not weights:
+            weights.extend(plan.weights(x.device))
+        blended = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        for index, rows in enumerate(chunks):
+            # row r is window r // B, sample r % B
+            x_rows = torch.cat([plan.crop(x[r % batch : r % batch + 1], r // batch) for r in rows])
+            t_rows = t_scaled.repeat(plan.count)[rows.start : rows.stop]
+            v_rows = velocity_rows(index, x_rows, t_rows)
+            for j, r in enumerate(rows):
+                window, sample = divmod(r, batch)
+                target = plan.crop(blended[sample : sample + 1], window)
+                target.add_(weights[window] * v_rows[j : j + 1].double())
+            done += 1
+            if progress is not None:
+                progress(done, len(chunks) * steps)
+        return blended.float()
+
+    return velocity
+
+
 def sample_tiled(
     net: PiDNet,
     latent: torch.Tensor,
@@ -68,7 +257,7 @@ def sample_tiled(
     text: torch.Tensor | None = None,
     steps: int = 4,
     tile: tuple[int, int] | None = None,
-    overlap: int = 64,
+    overlap: int | None = None,
     noises: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     window_batch: int = 4,
@@ -76,81 +265,51 @@ def sample_tiled(
 ) -> torch.Tensor:
     """Decode `latent` [B, C, h, w] in windows; float32 [B, 3, H, W] in [-1, 1], like `sample`.
 
-    tile: the window's output size (default: the network's native size, `cfg.rope_ref_size`);
-    overlap: output pixels neighbouring windows share; window_batch: windows run through the network
-    together (a memory bound; any value gives the same windows). Random draws as in `sample`.
+    tile: the window's output size (default: the network's native size, `cfg.native_size`);
+    overlap: output pixels neighbouring windows share (default a quarter of the window);
+    window_batch: windows run through the network together (a memory bound; any value gives the same
+    result up to float rounding). Random draws as in `sample`.
     """
     cfg = net.cfg
-    scale = cfg.output_scale
-    height, width = cfg.output_size(latent.shape[-2], latent.shape[-1])
-    tile_h, tile_w = tile or cfg.rope_ref_size
-    tile_h, tile_w = min(tile_h, height), min(tile_w, width)
-    origins = [
-        (top, left)
-        for top in windows(height, tile_h, min(overlap, tile_h - scale), scale)
-        for left in windows(width, tile_w, min(overlap, tile_w - scale), scale)
-    ]
     batch = latent.shape[0]
-    sigmas = torch.as_tensor(sigma, dtype=torch.float32).expand(batch).contiguous()
-    weight = blend_weights((tile_h, tile_w), min(overlap, tile_h - scale, tile_w - scale), latent.device)
-    total = torch.zeros(1, 1, height, width, dtype=torch.float64, device=latent.device)
-    for top, left in origins:
-        total[..., top : top + tile_h, left : left + tile_w] += weight
-    # Normalised per window once: with a single window the weight is exactly 1 (w / w), so tiled
-    # equals untiled bit for bit.
-    normalised = [weight / total[..., t : t + tile_h, l : l + tile_w] for t, l in origins]
+    output = cfg.output_size(latent.shape[-2], latent.shape[-1])
+    tiling = Tiling(True, tile, overlap)
+    plan = tiling.plan(output, cfg.native_size, cfg.output_scale)
+    if plan is None:  # fits in one window: a window covering the image
+        plan = TilePlan.build(output, output, 0, cfg.output_scale)
+    sigmas = torch.as_tensor(sigma, dtype=torch.float32, device=latent.device).expand(batch).contiguous()
+    row_batch = window_batch * batch
     conds = [
-        net.condition(
-            latent[..., t // scale : (t + tile_h) // scale, l // scale : (l + tile_w) // scale],
-            sigmas,
-            text,
-            image_size=(tile_h, tile_w),
-        )
-        for t, l in origins
+        net.condition(latent_rows, sigma_rows, text_rows, image_size=plan.tile)
+        for latent_rows, sigma_rows, text_rows in plan.chunk_inputs(latent, sigmas, text, row_batch)
     ]
 
-    t_list = student_timesteps(steps)
-    times = t_list.tolist()
-    scaled = (t_list * 1000.0).tolist()
-    draw = _noise_source((batch, 3, height, width), latent.device, noises, generator, expected=steps)
-    x = draw()
-    for k in range(len(times) - 1):
-        t_cur, t_next = times[k], times[k + 1]
-        x0 = torch.zeros(batch, 3, height, width, dtype=torch.float64, device=latent.device)
-        for start in range(0, len(origins), window_batch):
-            group = range(start, min(start + window_batch, len(origins)))
-            x_w = torch.cat([x[..., t : t + tile_h, l : l + tile_w] for t, l in (origins[i] for i in group)])
-            cond = _stack([conds[i] for i in group])
-            t_scaled = torch.full((x_w.shape[0],), scaled[k], dtype=torch.float32, device=x.device)
-            v = net.velocity(x_w, t_scaled, cond)
-            # x0 in float64, as the untiled sampler computes it
-            x0_w = x_w.double() - t_cur * v.double()
-            for j, i in enumerate(group):
-                top, left = origins[i]
-                piece = x0_w[j * batch : (j + 1) * batch]
-                x0[..., top : top + tile_h, left : left + tile_w] += normalised[i] * piece
-        x0 = x0.float()
-        if callback is not None:
-            callback(StepRecord(index=k, t=t_cur, x_t=x, velocity=torch.empty(0), x0=x0))
-        x = (1 - t_next) * x0 + t_next * draw() if t_next > 0 else x0
-    return x.clamp(-1, 1)
+    def velocity_rows(chunk: int, x_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+        return net.velocity(x_rows, t_rows, conds[chunk])
+
+    velocity = tiled_velocity(plan, batch, row_batch, velocity_rows, steps)
+    draw = noise_source((batch, 3, *output), latent.device, noises, generator, expected=steps)
+    return student_steps(velocity, draw, student_timesteps(steps), callback)
 
 
-def _stack(conds: list[Conditioning]) -> Conditioning:
-    """Conditionings of windows of one size as one batch, window-major (window 0's B samples, then
-    window 1's, ...). The position tables depend only on the window size, so they are shared."""
-    if len(conds) == 1:
-        return conds[0]
-    first = conds[0]
-    return Conditioning(
-        gate_features=[
-            torch.cat([c.gate_features[g] for c in conds]) for g in range(len(first.gate_features))
-        ],
-        pixel_feature=None if first.pixel_feature is None else torch.cat([c.pixel_feature for c in conds]),
-        sigma=torch.cat([c.sigma for c in conds]),
-        text=torch.cat([c.text for c in conds]),
-        joint_rope=first.joint_rope,
-        pixel_rope=first.pixel_rope,
-        pixel_positions=first.pixel_positions,
-        image_size=first.image_size,
-    )
+def tiled_window_count(
+    size: tuple[int, int], tile: tuple[int, int], grid: int, overlap: int | None = None
+) -> int:
+    """How many windows an output `size` decodes in (1: untiled); the server's cost model counts them."""
+    plan = Tiling(True, tile, overlap).plan(size, tile, grid)
+    return 1 if plan is None else plan.count
+
+
+__all__ = [
+    "OFF",
+    "Progress",
+    "RowVelocity",
+    "TilePlan",
+    "Tiling",
+    "blend_weights",
+    "chunk_ranges",
+    "sample_tiled",
+    "tiled_velocity",
+    "tiled_window_count",
+    "windows",
+]

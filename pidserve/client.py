@@ -111,7 +111,7 @@ def _as_array(value: Any, dtype: type) -> np.ndarray:
 
 
 def _request(latent: Any, sigma: Any, seed: Any, steps: int, prompt: str | None, fmt: str,
-             quality: int | None, timeout: float | None) -> tuple[dict, bytes]:  # fmt: skip
+             quality: int | None, timeout: float | None, tile: str | None) -> tuple[dict, bytes]:  # fmt: skip
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     tensors = {"latent": _as_array(latent, np.float32)}
@@ -126,7 +126,7 @@ def _request(latent: Any, sigma: Any, seed: Any, steps: int, prompt: str | None,
             params["seed"] = int(seed)
         else:
             tensors["seed"] = _as_array(seed, np.int64)
-    for name, value in (("prompt", prompt), ("quality", quality), ("timeout", timeout)):
+    for name, value in (("prompt", prompt), ("quality", quality), ("timeout", timeout), ("tile", tile)):
         if value is not None:
             params[name] = value
     return params, save_safetensors(tensors)
@@ -175,9 +175,10 @@ class Client:
 
     def decode(self, latent: Any, *, sigma: Any = None, seed: Any = None, steps: int = 4,
                prompt: str | None = None, format: str = "png", quality: int | None = None,
-               timeout: float | None = None) -> DecodeResult:  # fmt: skip
-        """Decode a latent [C,h,w] or batch [B,C,h,w]; scalar sigma/seed apply to all (latent i: seed + i)."""
-        params, body = _request(latent, sigma, seed, steps, prompt, format, quality, timeout)
+               timeout: float | None = None, tile: str | None = None) -> DecodeResult:  # fmt: skip
+        """Decode a latent [C,h,w] or batch [B,C,h,w]; scalar sigma/seed apply to all (latent i: seed + i).
+        tile: off, auto, HxW or HxW:OVERLAP (how the server cuts the output into windows; None: its own)."""
+        params, body = _request(latent, sigma, seed, steps, prompt, format, quality, timeout, tile)
         response = self._http.post(
             "/v1/decode", params=params, content=body, headers={"Content-Type": "application/x-safetensors"}
         )
@@ -212,8 +213,8 @@ class AsyncClient:
 
     async def decode(self, latent: Any, *, sigma: Any = None, seed: Any = None, steps: int = 4,
                      prompt: str | None = None, format: str = "png", quality: int | None = None,
-                     timeout: float | None = None) -> DecodeResult:  # fmt: skip
-        params, body = _request(latent, sigma, seed, steps, prompt, format, quality, timeout)
+                     timeout: float | None = None, tile: str | None = None) -> DecodeResult:  # fmt: skip
+        params, body = _request(latent, sigma, seed, steps, prompt, format, quality, timeout, tile)
         response = await self._http.post(
             "/v1/decode", params=params, content=body, headers={"Content-Type": "application/x-safetensors"}
         )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pidserve.engines import DecodeAbandoned, DecodeBatch, Engine
+from pidserve.model import Tiling
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,13 @@ class Job:
     # left) while the job may already be computing: a batch whose jobs are all abandoned stops between
     # sampler steps where the engine can (engines/base.py, DecodeBatch.abandoned).
     abandoned: bool = False
+    tiling: Tiling | None = None  # the request's; None: the engine's default
 
     @property
     def key(self) -> tuple:
         """Jobs with equal keys can share a batch."""
         text_shape = None if self.text is None else tuple(self.text.shape)
-        return (tuple(self.latent.shape), self.steps, text_shape)
+        return (tuple(self.latent.shape), self.steps, text_shape, self.tiling)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class JobResult:
     queue_s: float  # enqueue -> batch start
     compute_s: float  # the batch's engine time
     batch_size: int
+    windows: int = 1  # windows per image of a tiled decode
 
 
 @dataclass
@@ -277,6 +280,7 @@ class Batcher:
                 text=None if jobs[0].text is None else torch.stack([job.text for job in jobs]),
                 steps=jobs[0].steps,
                 abandoned=lambda: all(job.abandoned for job in jobs),
+                tiling=jobs[0].tiling,
             )
             result = engine.decode(batch)
         except DecodeAbandoned:
@@ -291,7 +295,7 @@ class Batcher:
         )
         self.on_batch(BatchStats(len(jobs), compute_s, failed=False))
         for job, image in zip(jobs, result.images, strict=True):
-            _settle(job, result=JobResult(image, start - job.enqueued, compute_s, len(jobs)))
+            _settle(job, result=JobResult(image, start - job.enqueued, compute_s, len(jobs), result.windows))
 
 
 def _settle(job: Job, result: JobResult | None = None, error: Exception | None = None) -> None:

@@ -74,6 +74,10 @@ def disconnect_watcher(request: Request):
     return wait
 
 
-def server_timing(timings: dict[str, float]) -> str:
-    """{"queue": 0.0012, ...} -> 'queue;dur=1.2, ...' (milliseconds, the Server-Timing convention)."""
-    return ", ".join(f"{name};dur={seconds * 1e3:.1f}" for name, seconds in timings.items())
+def server_timing(timings: dict[str, float], windows: int = 1) -> str:
+    """{"queue": 0.0012, ...} -> 'queue;dur=1.2, ...' (milliseconds, the Server-Timing convention);
+    a tiled decode adds 'windows;desc="9"' (windows per image)."""
+    entries = [f"{name};dur={seconds * 1e3:.1f}" for name, seconds in timings.items()]
+    if windows > 1:
+        entries.append(f'windows;desc="{windows}"')
+    return ", ".join(entries)

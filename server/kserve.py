@@ -114,7 +114,9 @@ async def infer(request: Request, name: str) -> Response:
     if "id" in infer_request.model_fields_set:
         response["id"] = infer_request.id
     headers = {
-        "Server-Timing": server_timing({**outcome.timings, "total": time.monotonic() - started}),
+        "Server-Timing": server_timing(
+            {**outcome.timings, "total": time.monotonic() - started}, outcome.windows
+        ),
         "X-Seed": ",".join(map(str, outcome.seeds)),
         "X-Batch-Size": ",".join(map(str, outcome.batch_sizes)),
     }

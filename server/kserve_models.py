@@ -2,7 +2,8 @@
 validation and for the OpenAPI page (`INFER_BODY`, `OPENAPI_SCHEMAS`).
 
     InferRequest   id (echoed), parameters, inputs, outputs
-    parameters     steps (1..MAX_STUDENT_STEPS, default all), prompt (string), timeout (microseconds,
+    parameters     steps (1..MAX_STUDENT_STEPS, default all), prompt (string), tile (off, auto, HxW[:O]),
+                   timeout (microseconds,
                    Triton's unit); tritonclient's binary_data_output, priority and sequence_* (ignored)
     inputs         a union on `name`, each name with its own datatypes:
                    latent FP32|FP16 [B, C, h, w]; sigma FP32 [B] (optional); seed INT64|INT32 [B] (optional)
@@ -183,6 +184,11 @@ class InferParameters(BaseModel):
         Field(description="Deadline in microseconds (Triton's unit)."),
         _says("parameter timeout must be a positive integer (microseconds)"),
     ] = None
+    tile: Annotated[
+        Annotated[StrictStr, Field(max_length=32)] | None,
+        Field(description="off, auto, HxW or HxW:OVERLAP: how the output is cut into windows."),
+        _says("parameter tile must be a string: off, auto, HxW or HxW:OVERLAP"),
+    ] = None
     # tritonclient may send these; none changes a decode (binary_data_output picks the output form)
     binary_data_output: bool | None = None
     priority: int | None = None
@@ -196,7 +202,9 @@ class InferParameters(BaseModel):
         if isinstance(data, dict):
             unknown = set(data) - set(cls.model_fields)
             if unknown:
-                raise _invalid(f"unknown parameters {sorted(unknown)}; supported: steps, prompt, timeout")
+                raise _invalid(
+                    f"unknown parameters {sorted(unknown)}; supported: steps, prompt, timeout, tile"
+                )
         return data
 
     @property
@@ -252,6 +260,7 @@ class InferRequest(BaseModel):
             prompt=params.prompt,
             timeout_s=params.timeout_s,
             output_format=TENSOR,
+            tile=params.tile,
         )
 
     def tensors(self, binary: bytes) -> dict[str, torch.Tensor]:

@@ -102,8 +102,7 @@ def check_settings(settings: ServerSettings) -> None:
         raise ValueError(
             f"--variant {settings.variant!r} is unknown; `pidserve info --list` shows the presets"
         )
-    if settings.tile and settings.backend != "torch":
-        raise ValueError(f"--tile runs on the torch backend only so far, not {settings.backend}")
+    settings.parsed_tiling()  # ValueError with the accepted forms
     if settings.engine_dir is not None and not settings.engine_dir.is_dir():
         raise ValueError(f"--engine-dir {settings.engine_dir} is not a directory")
 
@@ -133,7 +132,7 @@ def open_configured_engine(settings: ServerSettings, net: PiDNet | None) -> Engi
         engine_dir=settings.engine_dir,
         profile=profile,
         attention_backend=settings.attention_backend,
-        **({"tile": settings.parsed_tile()} if settings.tile else {}),
+        tiling=settings.parsed_tiling(),
     )
 
 

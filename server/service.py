@@ -30,8 +30,9 @@ from pidserve.engines import MAX_SEED, DecodeBatch, EngineInputError
 from pidserve.model import (
     MAX_STUDENT_STEPS,
     LatentError,
+    TilePlan,
+    Tiling,
     get_latent_space,
-    tiled_window_count,
     validate_sigma,
 )
 
@@ -54,6 +55,7 @@ class DecodeRequest:
     timeout_s: float | None = None
     output_format: OutputFormat | Literal["tensor"] | None = None  # None: the server's default format
     quality: int | None = None  # JPEG/WebP; None: the server's default
+    tile: str | None = None  # off | auto | HxW | HxW:OVERLAP (model/tiling.py); None: the server's default
 
 
 @dataclass
@@ -64,6 +66,7 @@ class DecodeOutcome:
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)  # queue, compute (max over the batch), encode
     batch_sizes: list[int] = field(default_factory=list)
+    windows: int = 1  # windows per image (tiled decodes)
 
 
 class DecodeService:
@@ -100,12 +103,12 @@ class DecodeService:
     async def _decode(
         self, request: DecodeRequest, disconnected: Callable[[], Awaitable[None]] | None
     ) -> DecodeOutcome:
-        sigmas, seeds = self.validate(request)
+        sigmas, seeds, tiling = self.validate(request)
         limit = self.settings.request_timeout_s
         timeout = min(request.timeout_s or limit, limit)
         deadline = time.monotonic() + timeout
         text = await self._embed(request.prompt)
-        jobs = self._submit(request, sigmas, seeds, text, deadline)
+        jobs = self._submit(request, sigmas, seeds, text, deadline, tiling)
         results = await self._wait(jobs, deadline, timeout, disconnected)
         images = torch.stack([r.image for r in results]).numpy()
         fmt = request.output_format or self.settings.default_format
@@ -123,11 +126,13 @@ class DecodeService:
                 **encode_timing,
             },
             batch_sizes=[r.batch_size for r in results],
+            windows=max(r.windows for r in results),
         )
 
     # ---- 1. validate ----
-    def validate(self, request: DecodeRequest) -> tuple[torch.Tensor, list[int]]:
-        """Check a request against the model and limits; returns (sigmas [B], seeds). Raises ApiError."""
+    def validate(self, request: DecodeRequest) -> tuple[torch.Tensor, list[int], Tiling | None]:
+        """Check a request against the model and limits; returns (sigmas [B], seeds, its tiling or None
+        for the server's). Raises ApiError."""
         info = self.require_ready()
         settings = self.settings
         latents = request.latents
@@ -143,7 +148,11 @@ class DecodeService:
             )
         if request.steps not in info.steps:
             raise unprocessable(f"steps={request.steps} is not served; choose one of {list(info.steps)}")
-        self._check_cost(count, latents.shape[-2:], request.steps, info)
+        try:
+            tiling = None if request.tile is None else Tiling.parse(request.tile)
+        except ValueError as exc:
+            raise unprocessable(str(exc)) from None
+        self._check_cost(count, latents, request.steps, info, tiling)
         try:
             sigma = 0.0 if request.sigmas is None else request.sigmas
             if isinstance(sigma, torch.Tensor) and sigma.ndim == 0:
@@ -153,13 +162,16 @@ class DecodeService:
             raise unprocessable(str(exc)) from None
         seeds = _seeds(request.seeds, count)
         self.loader.prompts.check(request.prompt)
-        self._probe(latents[:1], sigmas[:1], seeds[:1], request.steps)
-        return sigmas, seeds
+        self._probe(latents[:1], sigmas[:1], seeds[:1], request.steps, tiling)
+        return sigmas, seeds, tiling
 
-    def _check_cost(self, count: int, latent_hw, steps: int, info: ModelInfo) -> None:
-        """The request-cost model: output pixels (memory) and pixels x steps (compute), per request."""
+    def _check_cost(
+        self, count: int, latents: torch.Tensor, steps: int, info: ModelInfo, tiling: Tiling | None
+    ) -> None:
+        """The request-cost model: output pixels (memory) and pixels x steps (compute), per request;
+        a tiled decode computes every window, overlaps included."""
         limits = self.settings.request_limits()
-        height, width = (int(n) * info.output_scale for n in latent_hw)
+        height, width = (int(n) * info.output_scale for n in latents.shape[-2:])
         pixels = count * height * width
         what = f"{count} x {height}x{width}" if count > 1 else f"{height}x{width}"
         where = f"on {info.device} ({info.precision})"
@@ -169,12 +181,10 @@ class DecodeService:
                 f"{limits.output_pixels:,} per request {where} (--max-output-pixels / "
                 "PIDSERVE_MAX_OUTPUT_PIXELS); send fewer or smaller latents"
             )
-        tile = self.settings.parsed_tile()
-        if tile is not None and (height > tile[0] or width > tile[1]):
-            # Tiled: the network runs on every window, overlaps included.
-            windows = tiled_window_count((height, width), tile, info.output_scale)
-            pixels_computed = count * windows * min(tile[0], height) * min(tile[1], width)
-            what = f"{what} in {windows} windows of {tile[0]}x{tile[1]}"
+        plan = self._plan(latents[:1], tiling)
+        if plan is not None:
+            pixels_computed = count * plan.count * plan.window_pixels
+            what = f"{what} in {plan.count} windows of {plan.tile[0]}x{plan.tile[1]}"
         else:
             pixels_computed = pixels
         if pixels_computed * steps > limits.pixel_steps:
@@ -184,7 +194,18 @@ class DecodeService:
                 "(--max-pixel-steps / PIDSERVE_MAX_PIXEL_STEPS); send fewer or smaller latents or fewer steps"
             )
 
-    def _probe(self, latent: torch.Tensor, sigma: torch.Tensor, seed: list[int], steps: int) -> None:
+    def _plan(self, latent: torch.Tensor, tiling: Tiling | None) -> TilePlan | None:
+        """The windows the engine will cut this latent's output into (None: untiled); 422 when it cannot."""
+        engine = self.loader.engine
+        assert engine is not None
+        try:
+            return engine.capabilities.plan(DecodeBatch.single(latent[0], tiling=tiling))
+        except EngineInputError as exc:
+            raise unprocessable(str(exc)) from None
+
+    def _probe(
+        self, latent: torch.Tensor, sigma: torch.Tensor, seed: list[int], steps: int, tiling: Tiling | None
+    ) -> None:
         """The engine's own check on one latent with the text every request carries (an engine built
         for a fixed text length refuses a batch without it), so a misfit is a 422 before queueing."""
         engine = self.loader.engine
@@ -193,7 +214,9 @@ class DecodeService:
         # Only the shape is checked: a broadcast view of one zero, [1, tokens, text_dim], allocates nothing.
         text = torch.zeros(1, 1, 1).expand(1, tokens, engine.capabilities.text_dim) if tokens else None
         try:
-            engine.capabilities.check(DecodeBatch(latent, sigma, torch.tensor(seed), text, steps))
+            engine.capabilities.check(
+                DecodeBatch(latent, sigma, torch.tensor(seed), text, steps, tiling=tiling)
+            )
         except EngineInputError as exc:
             raise unprocessable(str(exc)) from None
 
@@ -210,9 +233,10 @@ class DecodeService:
         seeds: list[int],
         text: torch.Tensor | None,
         deadline: float,
+        tiling: Tiling | None,
     ) -> list[Job]:
         jobs = [
-            Job(latent, float(sigma), seed, text, request.steps, deadline)
+            Job(latent, float(sigma), seed, text, request.steps, deadline, tiling=tiling)
             for latent, sigma, seed in zip(request.latents, sigmas.tolist(), seeds, strict=True)
         ]
         batcher = self.loader.batcher

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pidserve.model import parse_image_size
+from pidserve.model import Tiling, parse_image_size
 
 OutputFormat = Literal["png", "jpeg", "webp", "raw", "safetensors"]
 
@@ -61,9 +61,11 @@ class ServerSettings(BaseSettings):
     image_sizes: list[str] | None = Field(
         None, description="Output sizes HEIGHTxWIDTH the engine is built and warmed for (torch-compile)."
     )
-    tile: str | None = Field(
-        None,
-        description="Decode outputs larger than HxW in blended windows of it (torch; model/tiling.py).",
+    tile: str = Field(
+        "auto",
+        description="How outputs are cut into blended windows (model/tiling.py), unless a request says: "
+        "auto (windows of the model's native size, or of a fixed-shape engine's built size, for larger "
+        "outputs), off, HxW or HxW:OVERLAP.",
     )
     text_encoder: str | None = Field(
         None, description="Gemma-2 text encoder (local directory or hub id) for prompts; none: no prompts."
@@ -138,8 +140,12 @@ class ServerSettings(BaseSettings):
             return None
         return tuple(parse_image_size(text, "an image size") for text in self.image_sizes)
 
-    def parsed_tile(self) -> tuple[int, int] | None:
-        return None if not self.tile else parse_image_size(self.tile, "the tile size")
+    def parsed_tiling(self) -> Tiling:
+        """The tile setting as a Tiling; ValueError names the setting and the accepted forms."""
+        try:
+            return Tiling.parse(self.tile)
+        except ValueError as exc:
+            raise ValueError(f"--tile / PIDSERVE_TILE: {exc}") from None
 
     def request_limits(self) -> RequestLimits:
         """The per-request limits: the flags where given, else LIMITS for this device and precision."""

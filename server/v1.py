@@ -112,6 +112,14 @@ async def decode(
     format: Annotated[OutputFormat | None, Query(description="Output format (default: png).")] = None,
     quality: Annotated[int | None, Query(ge=1, le=100, description="JPEG/WebP quality."), DIGITS_ONLY] = None,
     timeout: Annotated[float | None, Query(gt=0, le=3600, description="Deadline in seconds.")] = None,
+    tile: Annotated[
+        str | None,
+        Query(
+            max_length=32,
+            description="How the output is cut into blended windows: off, auto, HxW or HxW:OVERLAP "
+            "(default: the server's --tile).",
+        ),
+    ] = None,
 ) -> Response:
     """Decode a latent (or a small batch) into image(s)."""
     started = time.monotonic()
@@ -137,11 +145,14 @@ async def decode(
             timeout_s=timeout,
             output_format=format,
             quality=quality,
+            tile=tile,
         ),
         disconnected=disconnect_watcher(request),
     )
     headers = {
-        "Server-Timing": server_timing({**outcome.timings, "total": time.monotonic() - started}),
+        "Server-Timing": server_timing(
+            {**outcome.timings, "total": time.monotonic() - started}, outcome.windows
+        ),
         "X-Seed": ",".join(map(str, outcome.seeds)),
         "X-Batch-Size": ",".join(map(str, outcome.batch_sizes)),
     }
@@ -256,7 +267,9 @@ async def remote_decode_route(
         disconnected=disconnect_watcher(request),
     )
     headers = {
-        "Server-Timing": server_timing({**outcome.timings, "total": time.monotonic() - started}),
+        "Server-Timing": server_timing(
+            {**outcome.timings, "total": time.monotonic() - started}, outcome.windows
+        ),
         "X-Seed": ",".join(map(str, outcome.seeds)),
     }
     if output_type == "pil":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -72,6 +73,27 @@ def test_info_json_has_parameters_and_flops() -> None:
     from pidserve.model import PiDConfig
 
     assert report["decode"]["flops"]["total"] == decode_flops(PiDConfig.preset("2k_flux"), 2048, 2048).total
+
+
+def test_info_counts_a_tiled_decode_window_by_window() -> None:
+    """2k flux at 4096²: 3 x 3 windows of its trained 2048² (512-px overlap) cost less than one global
+    attention over 4096², and the count is exactly windows x one 2048² decode."""
+    from pidserve.model import PiDConfig
+
+    result = runner.invoke(
+        app, ["info", "--preset", "2k_flux", "--size", "4096x4096", "--tile", "auto", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    tiled, untiled = report["tiled"], report["decode"]["flops"]["total"]
+    window = decode_flops(PiDConfig.preset("2k_flux"), 2048, 2048, steps=4).total
+    assert tiled["windows"] == 9 and tiled["tile"] == "2048x2048" and tiled["overlap"] == 512
+    assert tiled["flops"]["total"] == 9 * window
+    assert tiled["ratio_to_untiled"] == pytest.approx(9 * window / untiled) and tiled["ratio_to_untiled"] < 1
+    fits = runner.invoke(app, ["info", "--preset", "2k_flux", "--size", "2048x2048", "--tile", "auto"])
+    assert "fits in one window: decoded untiled" in fits.output
+    bad = runner.invoke(app, ["info", "--preset", "2k_flux", "--tile", "2000x2000"])
+    assert bad.exit_code != 0 and "multiples of 32" in bad.output
 
 
 def test_info_on_a_file_reports_format_dtype_and_variant(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Method: docs/benchmarks.md.
     codecs     PNG/JPEG/WebP encoders at serving sizes (bench/codecs.py)
     quality    PSNR, SSIM, colour, detail, block grid of the decoders (bench/decoder_quality.py)
     x0-error   held-out x0 error by diffusion time (bench/decoder_quality.py)
+    tiles      time and peak memory against output size, tiled vs untiled (bench/tiles.py)
 """
 
 from __future__ import annotations
@@ -88,6 +89,56 @@ def bench_engine(
         with_plots=plots,
         command=command_line(ctx),
     )
+
+
+@bench_app.command("tiles")
+def bench_tiles_cmd(
+    ctx: typer.Context,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Model checkpoint ('default': the embedded pid-tiny), else --preset.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset with random weights, e.g. 2k_flux.")] = None,
+    sizes: Annotated[
+        str, typer.Option(help="Comma-separated output sizes HxW (default: 1x, 2x, 4x the trained side).")
+    ] = "",
+    tile: Annotated[
+        str, typer.Option(help="The tiling compared with untiled: auto, HxW or HxW:OVERLAP.")
+    ] = "auto",
+    backend: Annotated[str, typer.Option(help="torch | torch-compile")] = "torch",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    max_batch: Annotated[int, typer.Option(help="Window rows per network call (tiled).")] = 4,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 4,
+    warmup: Annotated[int, typer.Option(help="Untimed decodes first.")] = 1,
+    repeat: Annotated[int, typer.Option(help="Timed decodes.")] = 3,
+    out: OutOpt = None,
+) -> None:
+    """Time and peak memory of one decode against output size: untiled and tiled, side by side."""
+    from pidserve.bench import bench_tiles, command_line, tiles_table, write_tiles_report
+    from pidserve.engines import EngineConfigError, EngineInputError
+    from pidserve.model import Tiling
+
+    net = _bench_model(checkpoint, preset, None)
+    try:
+        tiling = Tiling.parse(tile)
+    except ValueError as exc:
+        raise fail(f"--tile: {exc}") from None
+    side_h, side_w = net.cfg.native_size
+    chosen = (
+        [parse_size(text) for text in sizes.split(",")]
+        if sizes
+        else [(side_h * k, side_w * k) for k in (1, 2, 4)]
+    )
+    try:
+        rows = bench_tiles(
+            net, chosen, tiling, device=device, precision=precision, backend=backend, steps=steps,
+            warmup=warmup, repeat=repeat, max_batch=max_batch,
+        )  # fmt: skip
+    except (EngineConfigError, EngineInputError, ValueError) as exc:
+        raise fail(exc) from None
+    typer.echo(tiles_table(rows))
+    path = write_tiles_report(out or Path("bench/out/tiles"), rows, command=command_line(ctx))
+    _say_written([path])
 
 
 @bench_app.command("http")
@@ -364,12 +415,13 @@ def bench_quality(
     ] = False,
     teacher_steps: Annotated[int, typer.Option(help="Euler steps of the teacher.")] = 32,
     tile: Annotated[
-        str | None, typer.Option(help="Also decode the student tiled in HxW windows (a student_tiled row).")
+        str | None,
+        typer.Option(help="Also decode the student tiled: auto, HxW or HxW:OVERLAP (a student_tiled row)."),
     ] = None,
 ) -> None:
     """PSNR, SSIM, colour, detail, block grid: student vs teacher vs cascade (tiny-ae) vs bicubic."""
     from pidserve.bench import QualitySetup, evaluate_decoders, quality_table, write_quality_report
-    from pidserve.model import load_checkpoint, load_tiny_autoencoder, parse_image_size
+    from pidserve.model import Tiling, load_checkpoint, load_tiny_autoencoder
 
     net = load_model(student, None)
     if net.cfg.latent_space != "tiny-ae":
@@ -387,7 +439,7 @@ def bench_quality(
         teacher_steps=teacher_steps,
     )
     try:
-        setup.tile = None if tile is None else parse_image_size(tile, "--tile")
+        setup.tile = None if tile is None else Tiling.parse(tile)
         ae, space = load_tiny_autoencoder(autoencoder)
         result = evaluate_decoders(setup, net, teacher_net, ae, space=space)
     except (FileNotFoundError, ValueError) as exc:
@@ -395,6 +447,8 @@ def bench_quality(
     grid = write_quality_report(result, out)
     typer.echo(quality_table(result["metrics"]))
     typer.echo(f"ground-truth blockiness {result['ground_truth_blockiness']:.3f}")
+    if result["ground_truth_seam"] is not None:
+        typer.echo(f"ground-truth seam score at the window borders {result['ground_truth_seam']:.3f}")
     typer.echo(f"{result['crops']} crops; wrote {out / 'metrics.json'}, {out / 'table.md'}, {grid}")
 
 

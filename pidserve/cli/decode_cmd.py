@@ -10,6 +10,8 @@ unpickled. Images can only be decoded by a model of the "tiny-ae" latent space (
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -81,7 +83,9 @@ def decode(
     tile: Annotated[
         str | None,
         typer.Option(
-            help="Decode outputs larger than HxW in blended windows of it (torch backend), e.g. 256x256."
+            help="How outputs are cut into blended windows: auto (windows of the model's native size when "
+            "the output is larger; the default here), off, HxW or HxW:OVERLAP, e.g. 256x256:64. With "
+            "--url the default is the server's."
         ),
     ] = None,
 ) -> None:
@@ -89,7 +93,7 @@ def decode(
     output = _output_path(output, latent_file)  # checked before any decoding, so no work is lost to it
     _check_input_name(latent_file)
     if url is not None:
-        _decode_remote(latent_file, url, api_key, output, seed, sigma, steps, timeout)
+        _decode_remote(latent_file, url, api_key, output, seed, sigma, steps, timeout, tile)
         return
     import torch
     from PIL import Image
@@ -102,12 +106,12 @@ def decode(
         check_device,
         open_engine,
     )
-    from pidserve.model import LatentError, get_latent_space, parse_image_size, validate_sigma
+    from pidserve.model import LatentError, Tiling, get_latent_space, validate_sigma
 
     try:
-        tile_size = None if tile is None else parse_image_size(tile, "--tile")
+        tiling = Tiling.parse(tile or "auto")
     except ValueError as exc:
-        raise fail(exc) from None
+        raise fail(f"--tile: {exc}") from None
 
     try:
         check_device(device)
@@ -135,20 +139,25 @@ def decode(
             f"{net.cfg.sr_scale}x the encoded image per side) or raise --max-output-pixels"
         )
     try:
+        # An ONNX export made here is of the one shape it runs: the window's when the output is tiled.
+        plan = tiling.plan(size, net.cfg.native_size, net.cfg.output_scale)
+        window = size if plan is None else plan.tile
+        rows = batch_size if plan is None else min(plan.count * batch_size, 8)
         engine = open_engine(
             backend,
             net=net,
             device=device,
             precision=precision,
-            max_batch=batch_size,
+            max_batch=rows,
             engine_dir=engine_dir,
-            profile=ShapeProfile(size, (batch_size,)),
+            profile=ShapeProfile(window, tuple(range(1, rows + 1))),
             attention_backend=attention_backend,
-            tile=tile_size,
+            tiling=tiling,
         )
         seeds = torch.arange(batch_size, dtype=torch.int64) + seed
-        result = engine.decode(DecodeBatch(latent, sigmas, seeds, None, steps))
-    except (EngineConfigError, EngineInputError) as exc:
+        with _progress_bar(plan) as progress:
+            result = engine.decode(DecodeBatch(latent, sigmas, seeds, None, steps, progress=progress))
+    except (EngineConfigError, EngineInputError, ValueError) as exc:
         raise fail(exc) from None
     paths = (
         [output]
@@ -159,9 +168,28 @@ def decode(
     for image, path in zip(result.images, paths, strict=True):
         Image.fromarray(image.numpy()).save(path)
     timings = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result.timings.items())
+    windows = "" if result.windows == 1 else f", {result.windows} windows of {window[0]}x{window[1]}"
     typer.echo(
-        f"wrote {', '.join(map(str, paths))} ({size[0]}x{size[1]}, backend {engine.backend}; {timings})"
+        f"wrote {', '.join(map(str, paths))} ({size[0]}x{size[1]}{windows}, backend {engine.backend}; "
+        f"{timings})"
     )
+
+
+@contextmanager
+def _progress_bar(plan) -> Iterator:
+    """A progress callback drawing a bar on stderr for tiled decodes (None: untiled, nothing to show)."""
+    if plan is None:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=f"decoding {plan.count} windows", unit="chunk", leave=False, disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield progress
 
 
 def _output_path(output: Path, source: Path) -> Path:
@@ -193,6 +221,7 @@ def _decode_remote(
     sigma: float | None,
     steps: int,
     timeout: float | None,
+    tile: str | None,
 ) -> None:
     """`pidserve decode --url`: send the latent (images: encoded here with tiny-ae) to a server."""
     import httpx
@@ -224,6 +253,7 @@ def _decode_remote(
                 steps=steps,
                 format=OUTPUT_FORMATS[output.suffix.lower()],
                 timeout=timeout,
+                tile=tile,
             )
         except ServerError as exc:
             raise fail(f"the server refused the request: {exc}") from None

@@ -64,6 +64,10 @@ def info(
     size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH for the FLOP count.")] = "2048x2048",
     steps: Annotated[int, typer.Option(help="Sampler steps for the FLOP count.")] = 4,
     text_tokens: Annotated[int | None, typer.Option(help="Text tokens (default: the net's maximum).")] = None,
+    tile: Annotated[
+        str | None,
+        typer.Option(help="Also count a tiled decode: auto (trained-size windows), HxW or HxW:OVERLAP."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
 ) -> None:
@@ -104,11 +108,35 @@ def info(
         raise fail(f"--size must be a multiple of the patch size {cfg.patch_size}")
     flops = decode_flops(cfg, height, width, steps=steps, text_len=text_tokens)
     report["decode"] = {"size": f"{height}x{width}", "steps": steps, "flops": flops.as_dict()}
+    if tile is not None:
+        report["tiled"] = _tiled_report(cfg, (height, width), tile, steps, text_tokens, flops.total)
 
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     _print_report(report)
+
+
+def _tiled_report(
+    cfg, size: tuple[int, int], tile: str, steps: int, text_tokens: int | None, untiled: int
+) -> dict[str, object]:
+    """The FLOPs of the same decode in windows (model/tiling.py), and their ratio to untiled."""
+    from pidserve.model import Tiling, tiled_decode_flops
+
+    try:
+        plan = Tiling.parse(tile).plan(size, cfg.native_size, cfg.output_scale)
+    except ValueError as exc:
+        raise fail(f"--tile: {exc}") from None
+    if plan is None:
+        return {"windows": 1, "note": f"{size[0]}x{size[1]} fits in one window: decoded untiled"}
+    flops = tiled_decode_flops(cfg, plan, steps=steps, text_len=text_tokens)
+    return {
+        "tile": f"{plan.tile[0]}x{plan.tile[1]}",
+        "overlap": plan.overlap,
+        "windows": plan.count,
+        "flops": flops.as_dict(),
+        "ratio_to_untiled": flops.total / untiled,
+    }
 
 
 def _describe_file(checkpoint: Path, variant: str | None) -> tuple[dict[str, object], PiDConfig]:
@@ -151,3 +179,14 @@ def _print_report(report: dict[str, object]) -> None:
     typer.echo(f"FLOPs of one {decode['steps']}-step decode at {decode['size']} (batch 1)")  # type: ignore[index]
     for key, value in decode["flops"].items():  # type: ignore[index]
         typer.echo(f"  {key:22s} {value / 1e12:12.3f} TFLOP")
+    tiled = report.get("tiled")
+    if isinstance(tiled, dict):
+        if "flops" not in tiled:
+            typer.echo(f"tiled: {tiled['note']}")
+            return
+        typer.echo(
+            f"tiled in {tiled['windows']} windows of {tiled['tile']} (overlap {tiled['overlap']} px): "
+            f"{tiled['ratio_to_untiled']:.3f}x the untiled FLOPs"
+        )
+        for key, value in tiled["flops"].items():
+            typer.echo(f"  {key:22s} {value / 1e12:12.3f} TFLOP")

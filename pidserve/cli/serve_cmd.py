@@ -36,7 +36,8 @@ def serve(
         list[str] | None, typer.Option("--image-size", help="Output size HxW to build and warm (repeat).")
     ] = None,
     tile: Annotated[
-        str | None, typer.Option(help="Decode outputs larger than HxW in blended windows of it (torch).")
+        str | None,
+        typer.Option(help="Default tiling of larger outputs: auto (the default), off, HxW or HxW:OVERLAP."),
     ] = None,
     text_encoder: Annotated[str | None, typer.Option(help="Gemma-2 text encoder for prompts.")] = None,
     max_queue_delay_ms: Annotated[float | None, typer.Option(help="Batching delay.")] = None,
@@ -80,7 +81,7 @@ def serve(
     try:
         settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
         settings.parsed_image_sizes()
-        settings.parsed_tile()
+        settings.parsed_tiling()
         settings.resolved_api_key()
         check_settings(settings)
     except (ValidationError, ValueError) as exc:

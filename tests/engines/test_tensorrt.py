@@ -28,7 +28,16 @@ from pidserve.engines.build.export import ConditionGraph, ExportedGraphs, StepGr
 from pidserve.engines.gpu_classes import GPU_CLASSES, current_gpu, get_gpu_class
 from pidserve.engines.manifest import EngineManifest, profile_to_dict, read_manifest, write_manifest
 from pidserve.engines.trt_support import condition_io_names, step_io_names
-from pidserve.model import PiDConfig, PiDNet, load_checkpoint, sample, save_checkpoint, to_uint8_hwc
+from pidserve.model import (
+    PiDConfig,
+    PiDNet,
+    Tiling,
+    load_checkpoint,
+    sample,
+    sample_tiled,
+    save_checkpoint,
+    to_uint8_hwc,
+)
 from tests.conftest import OFFICIAL
 
 CPU = torch.device("cpu")
@@ -504,6 +513,29 @@ def test_padding_rows_do_not_change_a_sample(tiny_v15: PiDNet) -> None:
     snapshot = again.clone()
     decoder.decode(DecodeBatch(batch.latents, batch.sigmas, batch.seeds + 7, batch.text))
     assert torch.equal(again, snapshot)
+
+
+def test_a_static_decoder_tiles_larger_outputs_in_its_built_window(tiny_v15: PiDNet) -> None:
+    """A 192x192 output through an engine built for 64x64: 9 windows, 3 rows per chunk, the condition
+    and step plans run per chunk and step on the buffers of one built batch size."""
+    profile = ShapeProfile((64, 64), (1, 3), text_tokens=3)
+    decoder, condition, step = _decoder(tiny_v15, profile)
+    g = torch.Generator().manual_seed(3)
+    batch = DecodeBatch(
+        torch.randn(1, 128, 3, 3, generator=g), torch.tensor([0.2]), torch.tensor([5]),
+        torch.randn(1, 3, tiny_v15.cfg.text_dim, generator=g),
+    )  # fmt: skip
+    plan = Tiling(True, (64, 64), 0).plan((192, 192), (64, 64), tiny_v15.cfg.output_scale)
+    assert plan is not None and plan.count == 9
+    result = decoder.decode_tiled(plan, batch)
+    assert result.images.shape == (1, 192, 192, 3) and result.windows == 9
+    assert condition.runs == step.runs == [3] * 12  # 3 chunks of 3 windows x 4 steps
+    noises = seeded_noises(batch.seeds, (1, 3, 192, 192), 4, CPU)
+    with torch.no_grad():
+        expected = sample_tiled(
+            tiny_v15, batch.latents, batch.sigmas, batch.text, 4, (64, 64), 0, noises, window_batch=3
+        )
+    _agree(result.images, to_uint8_hwc(expected))
 
 
 def test_decoder_warmup_runs_every_batch_size() -> None:

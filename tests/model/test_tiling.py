@@ -11,7 +11,7 @@ import torch
 
 from pidserve.model import sample, to_uint8_hwc
 from pidserve.model.default import load_default_decoder
-from pidserve.model.tiling import blend_weights, sample_tiled, windows
+from pidserve.model.tiling import Tiling, blend_weights, sample_tiled, windows
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,41 @@ def test_windows_refuse_what_cannot_be_cut() -> None:
         windows(512, 250, 64, grid=32)
     with pytest.raises(ValueError, match="overlap"):
         windows(512, 256, 256, grid=32)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("off", Tiling(enabled=False)),
+        ("auto", Tiling()),
+        ("256x192", Tiling(True, (256, 192))),
+        (" 256 x 256 : 32 ", Tiling(True, (256, 256), 32)),
+    ],
+)
+def test_tiling_parses_its_text_forms_and_prints_them_back(text: str, expected: Tiling) -> None:
+    assert Tiling.parse(text) == expected
+    assert Tiling.parse(str(expected)) == expected
+
+
+@pytest.mark.parametrize("text", ["", "256", "256x", "0x256", "axb", "256x256:", "256x256:-1", "on"])
+def test_tiling_refuses_other_text(text: str) -> None:
+    with pytest.raises(ValueError, match=r"is not 'off', 'auto', 'HxW' or 'HxW:OVERLAP'|at least 1x1"):
+        Tiling.parse(text)
+
+
+def test_a_plan_tiles_only_outputs_larger_than_one_window() -> None:
+    assert Tiling().plan((256, 256), (256, 256), 32) is None  # auto at the native size: untiled
+    assert Tiling(enabled=False).plan((1024, 1024), (256, 256), 32) is None
+    plan = Tiling().plan((512, 384), (256, 256), 32)
+    assert plan is not None and plan.overlap == 64 and plan.count == 3 * 2
+    assert plan.origins[-1] == (256, 128)  # the last windows end at the borders
+    narrow = Tiling().plan((512, 128), (256, 256), 32)
+    assert narrow is not None and narrow.tile == (256, 128)  # a side smaller than the window: one window
+    weights = plan.weights(torch.device("cpu"))
+    total = torch.zeros(1, 1, 512, 384, dtype=torch.float64)
+    for window, weight in enumerate(weights):
+        plan.crop(total, window).add_(weight)
+    assert torch.allclose(total, torch.ones_like(total))  # normalised: x0 blends are convex
 
 
 def test_blend_weights_fade_across_the_overlap_and_are_never_zero() -> None:
@@ -78,15 +113,16 @@ def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_p
     from pidserve.engines import DecodeBatch, EngineConfigError, open_engine
     from pidserve.engines.base import seeded_noises
 
-    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))  # 512x512 out, 4 windows
-    engine = open_engine("torch", net=load_default_decoder(), tile=(256, 256))
+    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))  # 512x512 out, 9 windows
+    engine = open_engine("torch", net=load_default_decoder(), tiling="256x256")
     images = engine.decode(DecodeBatch.single(z, seed=9)).images
     noises = seeded_noises(torch.tensor([9]), (1, 3, 512, 512), 4, torch.device("cpu"))
     with torch.no_grad():
-        expected = to_uint8_hwc(sample_tiled(net, z, 0.0, tile=(256, 256), noises=noises))
+        # the engine runs max_batch (8) window rows per network call: the same chunks as window_batch 8
+        expected = to_uint8_hwc(sample_tiled(net, z, 0.0, tile=(256, 256), noises=noises, window_batch=8))
     assert torch.equal(images, expected)
-    with pytest.raises(EngineConfigError, match="torch backend only"):
-        open_engine("onnxruntime", net=net, tile=(256, 256))
+    with pytest.raises(EngineConfigError, match="tile 'big' is not 'off', 'auto', 'HxW' or 'HxW:OVERLAP'"):
+        open_engine("torch", net=net, tiling="big")
     path = tmp_path / "z.safetensors"
     save_file({"latent": z}, str(path))
     result = CliRunner().invoke(
@@ -98,7 +134,7 @@ def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_p
     assert bad.exit_code == 2 and "--tile" in bad.output
 
 
-def test_the_server_tiles_by_setting_and_counts_windows_in_its_cost_model() -> None:
+def test_the_server_tiles_by_default_per_request_and_counts_windows_in_its_cost_model() -> None:
     import httpx
     from safetensors.torch import save as save_safetensors
 
@@ -109,16 +145,31 @@ def test_the_server_tiles_by_setting_and_counts_windows_in_its_cost_model() -> N
 
     assert tiled_window_count((512, 512), (256, 256), 32) == 9  # 3 x 3 with a 64-px overlap
     assert tiled_window_count((256, 256), (256, 256), 32) == 1
-    with pytest.raises(ValueError, match="torch backend only"):
-        check_settings(ServerSettings(tile="256x256", backend="onnxruntime"))
-    # 9 windows x 256² x 4 steps = 2.36 M pixel-steps: over a 2 M limit although 512² x 4 = 1.05 M is not
-    with live_server(tile="256x256", max_pixel_steps=2_000_000) as live:
+    with pytest.raises(ValueError, match="PIDSERVE_TILE: tile '256' is not"):
+        check_settings(ServerSettings(tile="256"))
+    # tile=auto (the default): 9 windows x 256² x 4 steps = 2.36 M pixel-steps, over a 2 M limit
+    # although 512² x 4 = 1.05 M untiled is not
+    with live_server(max_pixel_steps=2_000_000) as live:
         z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))
         body = save_safetensors({"latent": z})
         headers = {"Content-Type": "application/x-safetensors"}
-        refused = httpx.post(f"{live.url}/v1/decode", content=body, headers=headers, timeout=60)
+
+        def post(**params):
+            return httpx.post(
+                f"{live.url}/v1/decode", params=params, content=body, headers=headers, timeout=120
+            )
+
+        refused = post()
         assert refused.status_code == 413 and "9 windows of 256x256" in refused.json()["error"]["message"]
-        ok = httpx.post(
-            f"{live.url}/v1/decode", params={"steps": 2}, content=body, headers=headers, timeout=120
-        )
-        assert ok.status_code == 200, ok.text[:200]
+        tiled = post(steps=2)
+        assert tiled.status_code == 200, tiled.text[:200]
+        assert 'windows;desc="9"' in tiled.headers["server-timing"]
+        untiled = post(steps=2, tile="off")  # per request: the whole 512² in one network call
+        assert untiled.status_code == 200 and "windows" not in untiled.headers["server-timing"]
+        assert untiled.content != tiled.content
+        coarse = post(steps=2, tile="256x256:0")  # 2 x 2 windows, no overlap
+        assert coarse.status_code == 200 and 'windows;desc="4"' in coarse.headers["server-timing"]
+        bad = post(tile="256x250")
+        assert bad.status_code == 422 and "multiples of 32" in bad.json()["error"]["message"]
+        worse = post(tile="big")
+        assert worse.status_code == 422 and "'off', 'auto', 'HxW' or 'HxW:OVERLAP'" in worse.text

@@ -1,0 +1,186 @@
+"""`pidserve bench tiles`: time and peak memory of one decode against output size, tiled and untiled
+side by side in one run (issue 21's cost claim: linear time, memory flat beyond one window batch).
+
+Per output size, each mode (untiled, then the given tiling) is opened on the same network, warmed up
+once, then timed over `repeat` decodes of a random latent (batch 1). Peak memory:
+- on CUDA, torch's peak allocated bytes during the timed decodes (reset before them);
+- on the CPU (Linux), the process's peak resident set during the timed decodes, by resetting the
+  kernel's high-water mark (`/proc/self/clear_refs`, "5") and reading VmHWM; reported above the
+  resident set just before, so the weights and the interpreter are not counted.
+FLOPs are the analytic counts (model/flops.py): a tiled decode computes every window, overlaps included.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pidserve.engines import Engine, open_engine
+from pidserve.model import TILING_OFF, PiDNet, Tiling, decode_flops, tiled_decode_flops
+
+from . import report
+from .engine import random_batch
+
+
+@dataclass
+class TileTiming:
+    size: tuple[int, int]
+    tiling: str  # "off" or the tiling asked for
+    windows: int
+    ms_median: float
+    ms_min: float
+    peak_memory_bytes: int | None  # above the baseline (CPU) or allocated (CUDA); None: unmeasurable here
+    flops: float
+    repeat: int
+    device: str
+
+
+class PeakMemory:
+    """Peak memory of what runs between `start()` and `stop()`, in bytes (None where unmeasurable)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self._baseline = 0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            self._baseline = -1
+            return
+        self._baseline = _status_kib("VmRSS") * 1024
+
+    def stop(self) -> int | None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        if self._baseline < 0:
+            return None
+        return max(0, _status_kib("VmHWM") * 1024 - self._baseline)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def bench_tiles(
+    net: PiDNet,
+    sizes: list[tuple[int, int]],
+    tiling: Tiling,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    backend: str = "torch",
+    steps: int = 4,
+    warmup: int = 1,
+    repeat: int = 3,
+    max_batch: int = 4,
+) -> list[TileTiming]:
+    """Untiled and tiled decodes at every size, one after another in this process."""
+    modes = [TILING_OFF, tiling]
+    rows = []
+    with tqdm(total=len(sizes) * len(modes) * (warmup + repeat), desc="decodes", unit="decode") as bar:
+        for size in sizes:
+            batch = random_batch(net.cfg, 1, size, steps)
+            for mode in modes:
+                bar.set_postfix_str(f"{size[0]}x{size[1]} tile={mode}")
+                engine = open_engine(
+                    backend, net=net, device=device, precision=precision, max_batch=max_batch, tiling=mode
+                )
+                try:
+                    row = _time(engine, net, batch, size, mode, warmup, repeat, bar)
+                finally:
+                    engine.close()
+                    del engine
+                    gc.collect()
+                rows.append(row)
+                bar.write(row_summary(row))
+    return rows
+
+
+def _time(
+    engine: Engine,
+    net: PiDNet,
+    batch,
+    size: tuple[int, int],
+    mode: Tiling,
+    warmup: int,
+    repeat: int,
+    bar: tqdm,
+) -> TileTiming:
+    for _ in range(warmup):
+        engine.decode(batch)
+        bar.update()
+    memory = PeakMemory(engine.capabilities.device)
+    walls = []
+    windows = 1
+    memory.start()
+    for _ in range(repeat):
+        start = time.perf_counter()
+        windows = engine.decode(batch).windows
+        walls.append(time.perf_counter() - start)
+        bar.update()
+    peak = memory.stop()
+    plan = mode.plan(size, net.cfg.native_size, net.cfg.output_scale)
+    flops = (
+        decode_flops(net.cfg, *size, steps=batch.steps, text_len=0)
+        if plan is None
+        else tiled_decode_flops(net.cfg, plan, steps=batch.steps, text_len=0)
+    )
+    return TileTiming(
+        size=size,
+        tiling=str(mode),
+        windows=windows,
+        ms_median=statistics.median(walls) * 1e3,
+        ms_min=min(walls) * 1e3,
+        peak_memory_bytes=peak,
+        flops=float(flops.total),
+        repeat=repeat,
+        device=engine.capabilities.device,
+    )
+
+
+def row_summary(r: TileTiming) -> str:
+    peak = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f} MiB"
+    return (
+        f"{r.size[0]}x{r.size[1]} tile={r.tiling}: {r.windows} window(s), {r.ms_median:.0f} ms, "
+        f"peak {peak}, {r.flops / 1e9:.1f} GFLOP"
+    )
+
+
+def markdown_table(rows: list[TileTiming]) -> str:
+    columns = ["size", "tile", "windows", "ms (median)", "ms per megapixel", "peak MiB", "GFLOP", "device"]
+    cells = [
+        [
+            f"{r.size[0]}x{r.size[1]}",
+            r.tiling,
+            r.windows,
+            f"{r.ms_median:.0f}",
+            f"{r.ms_median / (r.size[0] * r.size[1] / 1e6):.0f}",
+            "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
+            f"{r.flops / 1e9:.1f}",
+            r.device,
+        ]
+        for r in rows
+    ]
+    return report.markdown_table(columns, cells)
+
+
+def write_tiles_report(out_dir: Path, rows: list[TileTiming], *, command: str | None = None) -> Path:
+    """tiles.json and tiles.md (with the machine and the command, like every bench report)."""
+    return report.write_report(
+        out_dir, "tiles", [asdict(r) for r in rows], markdown_table(rows), command=command
+    )
