@@ -99,9 +99,22 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention on [B, N, heads, d] tensors (no mask), returned as [B, Nq, heads * d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quantizers: nn.Module | None = None
+) -> torch.Tensor:
+    """Softmax attention on [B, N, heads, d] tensors (no mask), returned as [B, Nq, heads * d].
+
+    quantizers: the FP8 export's quantization points (attached by engines/build/quantize.py; None
+    everywhere else): the attention is then written out as its two batched matmuls, Q and K entering
+    the first through q_bmm_quantizer / k_bmm_quantizer, the softmax and V entering the second through
+    softmax_quantizer / v_bmm_quantizer: Q/DQ on both BMMs, the pattern TensorRT fuses into FP8 attention.
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if quantizers is None:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    scores = quantizers.q_bmm_quantizer(q) @ quantizers.k_bmm_quantizer(k).transpose(-2, -1)
+    probs = (scores * q.shape[-1] ** -0.5).softmax(dim=-1)
+    out = quantizers.softmax_quantizer(probs) @ quantizers.v_bmm_quantizer(v)
     return out.transpose(1, 2).flatten(2)
 
 

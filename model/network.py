@@ -72,6 +72,7 @@ class JointAttention(nn.Module):
         self.q_norm_y, self.k_norm_y = RMSNorm(head_dim), RMSNorm(head_dim)
         self.proj_x = nn.Linear(dim, dim)
         self.proj_y = nn.Linear(dim, dim)
+        self.bmm_quantizers: nn.Module | None = None  # FP8 export only (layers.attention)
 
     def forward(
         self, image: torch.Tensor, text: torch.Tensor, rope: RopeTable, text_out: bool
@@ -87,8 +88,8 @@ class JointAttention(nn.Module):
         k = apply_rope(torch.cat([self.k_norm_y(k_txt), self.k_norm_x(k_img)], dim=1), cos, sin)
         v = torch.cat([v_txt, v_img], dim=1)  # [B, Lt + L, heads, d]
         if not text_out:  # the last block's text output is discarded: only image queries matter
-            return self.proj_x(attention(q[:, text_len:], k, v)), None
-        out = attention(q, k, v)
+            return self.proj_x(attention(q[:, text_len:], k, v, self.bmm_quantizers)), None
+        out = attention(q, k, v, self.bmm_quantizers)
         return self.proj_x(out[:, text_len:]), self.proj_y(out[:, :text_len])
 
 
@@ -149,6 +150,7 @@ class PatchSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
+        self.bmm_quantizers: nn.Module | None = None  # FP8 export only (layers.attention)
 
     def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
         """x [B, L, dim] -> [B, L, dim]."""
@@ -156,7 +158,7 @@ class PatchSelfAttention(nn.Module):
         cos, sin = rope
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        return self.proj(attention(q, k, v))
+        return self.proj(attention(q, k, v, self.bmm_quantizers))
 
 
 class PixelBlock(nn.Module):

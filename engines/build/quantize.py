@@ -1,7 +1,8 @@
 """FP8 quantization for TensorRT: ModelOpt calibration on latents, export with FP8 Q/DQ nodes.
 
     net --(bf16, CUDA)--> ModelOpt FP8 (mtq.FP8_DEFAULT_CFG: per-tensor E4M3 weights and inputs of
-        every Linear/Conv), calibrated by decoding calibration latents with the real sampler
+        every Linear/Conv; plus Q, K, V and the softmax output of every attention, the inputs of its
+        two batched matmuls), calibrated by decoding calibration latents with the real sampler
         --> excluded layers' quantizers switched off (they stay BF16)
         --> condition.onnx + step.onnx + export.json (quantization recorded) in out_dir
         --> tensorrt_build.build_engines(graphs, ..., precision="fp8")
@@ -26,6 +27,7 @@ exported graph's agreement with ModelOpt are tested there with the real library.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -51,6 +53,8 @@ FP8_OPSET = 19  # QuantizeLinear / DequantizeLinear take FLOAT8E4M3FN from opset
 MODELOPT_INSTALL_HINT = 'install NVIDIA ModelOpt with `pip install "pidserve[tensorrt]"`'
 
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv2d)  # what ModelOpt's FP8 config quantizes in this network
+# The quantization points of one attention (model/layers.attention): the inputs of both batched matmuls.
+ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
 
 
 # ---- which layers are quantized (the policy: fp8_linear.DEFAULT_EXCLUDE) --------------------------
@@ -223,6 +227,47 @@ def calibration_forward_loop(
     return forward_loop
 
 
+# ---- FP8 attention: Q/DQ on both BMMs --------------------------------------------------------------
+def attention_modules(net: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """The attention modules (those with a `bmm_quantizers` slot) outside the excluded ones."""
+    return [
+        name
+        for name, module in net.named_modules()
+        if hasattr(module, "bmm_quantizers") and not is_excluded(name, exclude)
+    ]
+
+
+def attach_attention_quantizers(net: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Give every attention module outside `exclude` its four ModelOpt TensorQuantizers (configured and
+    calibrated by mtq.quantize with fp8_config's rules); returns the modules' names."""
+    import_modelopt()
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    names = attention_modules(net, exclude)
+    for name in names:
+        quantizers = nn.Module()
+        for quantizer in ATTENTION_QUANTIZERS:
+            setattr(quantizers, quantizer, TensorQuantizer())
+        net.get_submodule(name).bmm_quantizers = quantizers
+    return names
+
+
+def fp8_config(mtq: ModuleType, attention: bool = True) -> dict[str, Any]:
+    """ModelOpt's FP8_DEFAULT_CFG (per-tensor E4M3 weights and inputs of every Linear/Conv), plus, with
+    `attention`, per-tensor E4M3 for the attention BMM quantizers (rules apply in order: appended last,
+    they re-enable what the config's leading "*": disabled switches off)."""
+    config = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    if attention:
+        config["quant_cfg"] = [
+            *config["quant_cfg"],
+            *(
+                {"quantizer_name": f"*{name}", "cfg": {"num_bits": (4, 3), "axis": None}}
+                for name in ATTENTION_QUANTIZERS
+            ),
+        ]
+    return config
+
+
 # ---- quantization (GPU) ---------------------------------------------------------------------------
 def quantize_fp8(
     net: PiDNet,
@@ -234,8 +279,13 @@ def quantize_fp8(
     compute_capability: ComputeCapability | None = None,
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
+    attention: bool = True,
 ) -> PiDNet:
     """Quantize `net` in place to FP8 with ModelOpt, calibrated on `data`; excluded layers stay BF16.
+
+    attention: also quantize both batched matmuls of every attention outside `exclude` (Q, K, V and
+    the softmax output, per-tensor E4M3: the Q/DQ pattern of TensorRT's FP8 attention); the
+    exported attention is then the explicit MatMul/Softmax/MatMul form instead of SDPA.
 
     The network is moved to `device` in `dtype` first (for a build: the GPU, bfloat16): the layers
     left unquantized run in the dtype of the exported graph. ModelOpt's fake quantization also runs
@@ -259,8 +309,15 @@ def quantize_fp8(
         data.source,
     )
     net = net.to(device=device, dtype=dtype).eval()
+    config = fp8_config(mtq, attention)
+    if attention:
+        # mtq.quantize converts Linear/Conv modules only in a network holding no quantizer yet, and
+        # applies the config to the quantizers already there otherwise: convert first (weights only,
+        # nothing is decoded), then add the attention quantizers, then configure and calibrate all.
+        net = mtq.quantize(net, config, forward_loop=None)
+        log.info("FP8 attention in %d modules", len(attach_attention_quantizers(net, exclude)))
     # ModelOpt's documented flow: insert quantizers and calibrate, then switch off the excluded ones.
-    quantized = mtq.quantize(net, mtq.FP8_DEFAULT_CFG, calibration_forward_loop(data, batch_size, steps))
+    quantized = mtq.quantize(net, config, calibration_forward_loop(data, batch_size, steps))
     mtq.disable_quantizer(quantized, quantizer_filter(exclude))
     enabled = [name for name, module in quantized.named_modules() if getattr(module, "is_enabled", False)]
     log.info("FP8 quantizers enabled: %d", len(enabled))
@@ -357,8 +414,10 @@ def quantize_fp8_and_export(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     batch_size: int = 1,
     steps: int = 4,
+    attention: bool = True,
 ) -> ExportedGraphs:
     """Calibrate, quantize and export: the FP8 graphs `build_engines(..., precision="fp8")` builds.
+    attention: FP8 attention too (Q/DQ on both BMMs of every attention outside `exclude`).
 
     calibration: CalibrationData or a safetensors file of latents (see load_calibration_file);
     random_calibration=True (and no calibration) calibrates on random latents instead.
@@ -367,9 +426,12 @@ def quantize_fp8_and_export(
     if isinstance(calibration, (str, Path)):
         calibration = load_calibration_file(calibration)
     data = calibration_data(net.cfg, profile, calibration, random_calibration=random_calibration)
-    quantized = quantize_fp8(net, data, exclude=exclude, batch_size=batch_size, steps=steps)
+    quantized = quantize_fp8(
+        net, data, exclude=exclude, batch_size=batch_size, steps=steps, attention=attention
+    )
     record = {
         "exclude": list(exclude),
+        "attention": attention,
         "calibration": {"source": data.source, "samples": data.size, "steps": steps},
     }
     return export_quantized_graphs(quantized, out_dir, profile, quantization=record)

@@ -57,6 +57,9 @@ def build(
     random_calibration: Annotated[
         bool, typer.Option(help="fp8: calibrate on random latents (worse quality; explicit opt-in).")
     ] = False,
+    fp8_attention: Annotated[
+        bool, typer.Option(help="fp8: quantize both attention BMMs too (TensorRT's FP8 attention).")
+    ] = True,
     timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache file.")] = None,
     if_stale: Annotated[
         bool, typer.Option(help="Skip the build when OUTPUT's manifest matches (init containers).")
@@ -96,7 +99,12 @@ def build(
     try:
         if precision == "fp8":
             graphs = quantize_fp8_and_export(
-                net, profile, onnx_dir, calibration=calibration_latents, random_calibration=random_calibration
+                net,
+                profile,
+                onnx_dir,
+                calibration=calibration_latents,
+                random_calibration=random_calibration,
+                attention=fp8_attention,
             )
         else:
             # The precision is in the graph (strongly typed builds): export from the network in bf16.

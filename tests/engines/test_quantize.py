@@ -390,6 +390,41 @@ def test_the_qdq_translation_makes_every_fp8_rounding_decision_modelopt_makes(tm
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def _fp8_attentions(graph: onnx.GraphProto) -> int:
+    """Attentions with Q/DQ on both BMMs: Softmax whose input is a MatMul (through the scale Mul) of two
+    DequantizeLinear outputs, and whose output reaches a MatMul only through QuantizeLinear ->
+    DequantizeLinear, that MatMul's other input dequantized too."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def made_by(name: str, *ops: str):
+        node = producer.get(name)
+        while node is not None and node.op_type in ops:
+            node = producer.get(node.input[0])
+        return node
+
+    def dequantized(name: str) -> bool:
+        node = made_by(name, "Transpose", "Reshape")
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    found = 0
+    for softmax in (node for node in graph.node if node.op_type == "Softmax"):
+        scores = made_by(softmax.input[0], "Mul", "Div", "Cast")
+        bmm1 = scores is not None and scores.op_type == "MatMul" and all(map(dequantized, scores.input))
+        after = [n for n in consumers.get(softmax.output[0], []) if n.op_type != "Cast"]
+        quantize = after[0] if len(after) == 1 and after[0].op_type == "QuantizeLinear" else None
+        bmm2 = False
+        if quantize is not None:
+            for dq in consumers.get(quantize.output[0], []):
+                for matmul in consumers.get(dq.output[0], []):
+                    bmm2 |= matmul.op_type == "MatMul" and all(map(dequantized, matmul.input))
+        found += bmm1 and bmm2
+    return found
+
+
 def test_real_modelopt_quantizes_and_exports_a_pid_network(tmp_path: Path) -> None:
     # This found that the export needs ModelOpt's export mode (modelopt_export_mode): without it, an
     # excluded layer's disabled quantizer left a FakeTensor constant the ONNX exporter could not fold.
@@ -402,13 +437,20 @@ def test_real_modelopt_quantizes_and_exports_a_pid_network(tmp_path: Path) -> No
     quantized = qz.quantize_fp8(
         net, data, compute_capability=(9, 0), device="cpu", dtype=torch.float32, batch_size=2
     )
-    # the quantizers left on are exactly those of the plan's FP8 layers (excluded ones stay BF16)
+    # the quantizers left on are exactly those of the plan's FP8 layers (excluded ones stay BF16) and
+    # the four of every attention (Q, K, V, softmax: the inputs of both batched matmuls)
     enabled = {n for n, m in quantized.named_modules() if getattr(m, "is_enabled", False)}
-    assert {name.rsplit(".", 1)[0] for name in enabled} == set(qz.quantization_plan(quantized).quantized)
+    attention = {n for n in enabled if ".bmm_quantizers." in n}
+    attentions = qz.attention_modules(quantized)
+    assert len(attentions) == 5  # 4 patch blocks + 1 pixel block
+    assert attention == {f"{a}.bmm_quantizers.{q}" for a in attentions for q in qz.ATTENTION_QUANTIZERS}
+    layers = {name.rsplit(".", 1)[0] for name in enabled - attention}
+    assert layers == set(qz.quantization_plan(quantized).quantized)
     graphs = qz.export_quantized_graphs(quantized, tmp_path, PROFILE)
     step = onnx.load(str(graphs.step), load_external_data=False)
     ops = [node.op_type for node in step.graph.node]
     assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") > 0
+    assert _fp8_attentions(step.graph) == ops.count("Softmax") == 5
 
     _, inputs = example_inputs(quantized, PROFILE, batch=2)
     got = _onnxruntime(graphs.step).run(None, {name: value.numpy() for name, value in inputs.items()})[0]
