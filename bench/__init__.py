@@ -11,6 +11,8 @@ exported under its command's name (engine_table, ...):
     http       HttpPlan, StartedServer, run_http_bench
     soak       SoakPlan, SoakReport, run_soak_bench (mixed good, bad, slow, disconnecting clients)
     tiles      TileTiming, bench_tiles, tiles_table, write_tiles_report (time, memory vs output size)
+    official   OfficialTiming, import_official_network, official_network, bench_official, official_table,
+               write_official_report (the official PiD code against pidserve on the same weights)
     cascade    CascadeSetup, bench_cascade, add_quality, cascade_table, write_cascade_report
     kernels    KernelSetup, bench_kernels, kernels_table, write_kernels_report
     codecs     time_codecs, time_server_pool, codecs_table, codec_dicts
@@ -33,6 +35,14 @@ from .http_load import HttpPlan
 from .http_run import StartedServer, run_http_bench
 from .kernels import KernelSetup, bench_kernels, write_kernels_report
 from .kernels import markdown_table as kernels_table
+from .official import (
+    OfficialTiming,
+    bench_official,
+    import_official_network,
+    official_network,
+    write_official_report,
+)
+from .official import markdown_table as official_table
 from .plots import PlotsUnavailable
 from .report import command_line, write_report
 from .soak import SoakPlan, SoakReport, run_soak_bench
@@ -44,6 +54,7 @@ __all__ = [
     "EngineTiming",
     "HttpPlan",
     "KernelSetup",
+    "OfficialTiming",
     "PlotsUnavailable",
     "QualitySetup",
     "SoakPlan",
@@ -54,6 +65,7 @@ __all__ = [
     "bench_cascade",
     "bench_engines",
     "bench_kernels",
+    "bench_official",
     "bench_tiles",
     "cascade_table",
     "codec_dicts",
@@ -61,7 +73,10 @@ __all__ = [
     "command_line",
     "engine_table",
     "evaluate_decoders",
+    "import_official_network",
     "kernels_table",
+    "official_network",
+    "official_table",
     "quality_table",
     "run_http_bench",
     "run_soak_bench",
@@ -72,6 +87,7 @@ __all__ = [
     "write_cascade_report",
     "write_engine_report",
     "write_kernels_report",
+    "write_official_report",
     "write_quality_report",
     "write_report",
     "write_tiles_report",

@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from pidserve.engines import Engine, open_engine
@@ -26,6 +25,7 @@ from pidserve.model import TILING_OFF, PiDNet, Tiling, decode_flops, tiled_decod
 
 from . import report
 from .engine import random_batch
+from .memory import PeakMemory
 
 
 @dataclass
@@ -39,41 +39,6 @@ class TileTiming:
     flops: float
     repeat: int
     device: str
-
-
-class PeakMemory:
-    """Peak memory of what runs between `start()` and `stop()`, in bytes (None where unmeasurable)."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self._baseline = 0
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            self._baseline = -1
-            return
-        self._baseline = _status_kib("VmRSS") * 1024
-
-    def stop(self) -> int | None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        if self._baseline < 0:
-            return None
-        return max(0, _status_kib("VmHWM") * 1024 - self._baseline)
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
 
 
 def bench_tiles(

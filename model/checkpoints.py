@@ -59,6 +59,24 @@ def official_to_ours(name: str) -> str:
     return name
 
 
+# The same renames backwards: our name pieces -> official, applied in reverse order.
+def _reversed_rename(pattern: str, repl: str) -> tuple[re.Pattern[str], str]:
+    anchored = (
+        ("^" if pattern.startswith("^") else "") + re.escape(repl) + ("$" if pattern.endswith("$") else "")
+    )
+    return re.compile(anchored), pattern.strip("^$").replace("\\", "")
+
+
+_REVERSED = [_reversed_rename(pattern, repl) for pattern, repl in reversed(_RENAMES)]
+
+
+def ours_to_official(name: str) -> str:
+    """official_to_ours's inverse: our parameter name -> the official PidNet state_dict name."""
+    for pattern, repl in _REVERSED:
+        name = pattern.sub(repl, name)
+    return name
+
+
 @dataclass
 class KeyDiff:
     """What differs between a checkpoint's tensors and a network's parameters (our names)."""

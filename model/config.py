@@ -199,6 +199,16 @@ class PiDConfig:
         return _config_from_official_kwargs(kwargs, latent_space)
 
 
+def official_kwargs(cfg: PiDConfig) -> dict[str, Any]:
+    """The official PidNet constructor arguments of a config: from_official's inverse (the options no
+    release varies get their released values, the training-only ones their defaults)."""
+    kwargs: dict[str, Any] = {key: getattr(cfg, ours) for key, ours in _OFFICIAL_TO_OURS.items()}
+    gate_types = {ours: official for official, ours in _OFFICIAL_GATE_TYPES.items()}
+    kwargs["lq_gate_type"] = gate_types[cfg.gate_type]
+    kwargs["rope_ref_h"], kwargs["rope_ref_w"] = cfg.rope_ref_size
+    return {**kwargs, **_REQUIRED_OFFICIAL_VALUES}
+
+
 # Official options whose value must be exactly this, because no released model uses another
 # and this implementation does not build the alternative.
 _REQUIRED_OFFICIAL_VALUES: dict[str, Any] = {

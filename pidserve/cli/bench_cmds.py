@@ -11,6 +11,7 @@ Method: docs/benchmarks.md.
     quality    PSNR, SSIM, colour, detail, block grid of the decoders (bench/decoder_quality.py)
     x0-error   held-out x0 error by diffusion time (bench/decoder_quality.py)
     tiles      time and peak memory against output size, tiled vs untiled (bench/tiles.py)
+    official   the official PiD code against pidserve on the same weights (bench/official.py)
 """
 
 from __future__ import annotations
@@ -138,6 +139,50 @@ def bench_tiles_cmd(
         raise fail(exc) from None
     typer.echo(tiles_table(rows))
     path = write_tiles_report(out or Path("bench/out/tiles"), rows, command=command_line(ctx))
+    _say_written([path])
+
+
+@bench_app.command("official")
+def bench_official_cmd(
+    ctx: typer.Context,
+    official_repo: Annotated[Path, typer.Option(help="A checkout of nv-tlabs/PiD (its pid/ package).")],
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Model checkpoint ('default': the embedded pid-tiny), else --preset.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset with random weights, e.g. 2k_flux.")] = None,
+    variant: Annotated[str | None, typer.Option(help="Preset of an official checkpoint.")] = None,
+    size: Annotated[str, typer.Option(help="Output size HEIGHTxWIDTH.")] = "256x256",
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    modes: Annotated[str, typer.Option(help="Comma-separated: eager, compiled.")] = "eager,compiled",
+    steps: Annotated[int, typer.Option(help="Sampler steps of the decode rows.")] = 4,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    repeat: Annotated[int, typer.Option(help="Timed runs.")] = 3,
+    out: OutOpt = None,
+) -> None:
+    """The official PiD network against pidserve's on the same weights: parity, time, peak memory."""
+    import torch
+
+    from pidserve.bench import bench_official, command_line, official_table, write_official_report
+
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if not chosen or set(chosen) - {"eager", "compiled"}:
+        raise fail(f"--modes takes eager and/or compiled, got {modes!r}")
+    if precision not in ("fp32", "bf16"):
+        raise fail(f"--precision must be fp32 or bf16, got {precision!r}")
+    net = _bench_model(checkpoint, preset, variant)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    try:
+        net = net.to(device=device, dtype=dtype).eval()
+        result = bench_official(
+            official_repo, net, parse_size(size), batch=batch, steps=steps, warmup=warmup, repeat=repeat,
+            modes=tuple(chosen),
+        )  # fmt: skip
+    except (ValueError, RuntimeError) as exc:
+        raise fail(exc) from None
+    typer.echo(official_table(result))
+    path = write_official_report(out or Path("bench/out/official"), result, command=command_line(ctx))
     _say_written([path])
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from pidserve.bench import bench_tiles, tiles_table
-from pidserve.bench.tiles import PeakMemory
+from pidserve.bench.memory import PeakMemory
 from pidserve.cli import app
 from pidserve.model import PiDConfig, PiDNet, Tiling, decode_flops
 
