@@ -83,3 +83,15 @@ def test_the_bench_official_command_writes_its_report(tmp_path: Path, standin) -
         app, ["bench", "official", "--official-repo", str(tmp_path), "--preset", "tiny_v1"]
     )
     assert bad.exit_code != 0 and "no pid/ package" in bad.output
+
+
+def test_our_names_map_back_onto_every_official_name() -> None:
+    from safetensors import safe_open
+
+    from pidserve.model.checkpoints import official_to_ours
+    from tests.conftest import OFFICIAL
+
+    for model in ("tiny_v1", "tiny_v1.5"):
+        with safe_open(str(OFFICIAL / model / "weights.safetensors"), "pt") as f:
+            names = list(f.keys())
+        assert [ours_to_official(official_to_ours(name)) for name in names] == names
