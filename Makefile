@@ -69,10 +69,8 @@ default-model: $(STAMP)
 	cp runs/tiny-ae/tiny-ae.safetensors model/weights/tiny-ae.safetensors
 	$(BIN)/pidserve train teacher -c recipes/pid_tiny_regression.toml
 	$(BIN)/pidserve train teacher -c recipes/pid_tiny_teacher.toml
-	$(BIN)/pidserve train teacher -c recipes/pid_tiny_teacher_long.toml
 	$(BIN)/pidserve bench x0-error runs/pid-tiny-regression/teacher_ema.safetensors \
-		runs/pid-tiny-teacher/teacher_ema.safetensors runs/pid-tiny-teacher-long/teacher_ema.safetensors \
-		--autoencoder model/weights/tiny-ae.safetensors
+		runs/pid-tiny-teacher/teacher_ema.safetensors --autoencoder model/weights/tiny-ae.safetensors
 	$(BIN)/pidserve train distill -c recipes/pid_tiny_distill.toml
 	cp runs/pid-tiny-distill/student.safetensors model/weights/pid-tiny.safetensors
 

@@ -38,7 +38,9 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated()
         if self._baseline < 0:
             return None
-        return max(0, _status_kib("VmHWM") * 1024 - self._baseline)
+        # the kernel folds per-thread RSS counters into VmHWM lazily: VmRSS may be ahead of it
+        peak = max(_status_kib("VmHWM"), _status_kib("VmRSS")) * 1024
+        return max(0, peak - self._baseline)
 
 
 def _status_kib(field: str) -> int:

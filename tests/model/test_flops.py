@@ -11,7 +11,7 @@ from pidserve.model import PiDConfig, PiDNet
 from pidserve.model.flops import condition_flops, decode_flops, step_flops
 
 
-def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quantizers=None) -> torch.Tensor:
     """Attention as plain matmuls, so that the FLOP counter sees them on CPU."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
