@@ -3,7 +3,9 @@
 On CUDA: torch's peak allocated bytes since the reset. On the CPU: the process's peak resident set
 since the kernel's high-water mark was reset (`/proc/self/clear_refs`, "5"), above the resident set
 at the reset, so the weights and the interpreter already resident are not counted. None where
-neither is available (no /proc).
+neither is available (no /proc). The CPU figure is the growth of the resident set: memory that
+the allocator freed earlier and still holds is reused without growing it, so in a long-lived process
+it is a lower bound of what the work allocated.
 """
 
 from __future__ import annotations

@@ -33,9 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pidserve.model import PiDNet, sample, student_steps, student_timesteps
-from pidserve.model.checkpoints import official_to_ours
-from pidserve.model.config import official_kwargs
+from pidserve.model import PiDNet, official_kwargs, official_to_ours, sample, student_steps, student_timesteps
 
 from . import report
 from .memory import PeakMemory

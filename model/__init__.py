@@ -4,7 +4,8 @@ Public API (other folders use exactly these names; the modules behind them are p
     the network:  PiDConfig, PRESETS, RELEASED_CHECKPOINTS, parse_image_size, PiDNet, Conditioning,
                   layers the kernel benchmark times (RMSNorm, modulate), to_patches
     checkpoints:  load_checkpoint, save_checkpoint, read_checkpoint, CheckpointError, load_decoder,
-                  DEFAULT_CHECKPOINT, load_tiny_autoencoder
+                  DEFAULT_CHECKPOINT, load_tiny_autoencoder,
+                  official_to_ours, ours_to_official, official_kwargs (the official names and arguments)
     sampling:     sample, sample_tiled (windows of the native size, blended per step), tiled_window_count,
                   Tiling, TILING_OFF, TilePlan, tiled_velocity, Progress (the tiled path of every engine),
                   sample_teacher,
@@ -28,8 +29,8 @@ from .autoencoder import (
     load_autoencoder,
     save_autoencoder,
 )
-from .checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
-from .config import PRESETS, RELEASED_CHECKPOINTS, PiDConfig, parse_image_size
+from .checkpoints import load_checkpoint, official_to_ours, ours_to_official, read_checkpoint, save_checkpoint
+from .config import PRESETS, RELEASED_CHECKPOINTS, PiDConfig, official_kwargs, parse_image_size
 from .default import DEFAULT_MODEL_NAME, decode_latent_cascade, encode_image, load_default_autoencoder
 from .errors import CheckpointError, LatentError
 from .flops import decode_flops, tiled_decode_flops
@@ -94,6 +95,9 @@ __all__ = [
     "load_vae_decoder",
     "matching_variants",
     "modulate",
+    "official_kwargs",
+    "official_to_ours",
+    "ours_to_official",
     "parameter_counts",
     "parse_image_size",
     "predict_x0",
