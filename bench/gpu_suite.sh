@@ -15,6 +15,8 @@
 #             shapes in TFLOP/s, then torch-compile at batch 1 with auto vs cudnn attention, side by side
 #   cascade   bench cascade, 2k_flux at 2048², bf16: PiD vs FLUX.1 VAE decode + bicubic and + a PiD-sized
 #             SR diffusion model at 50 and 4 steps (random weights everywhere: timing only)
+#   tiles     bench tiles, 2k_flux at 2048², 4096², 8192² output, bf16: tiled (2048² windows, the native
+#             size) against untiled up to 4096² (untiled 8192² is ~16x 4096²'s attention): time, memory
 #   http      bench http on a started server, 2k_flux random weights at 2048², bf16, eager torch, max
 #             batch 4: raw and PNG at concurrency 1, 2, 4 (the HTTP, encoding and batching overheads)
 #   http-compile  the same server on torch-compile (CUDA graphs, warmed for batch 1 and 2 at start-up),
@@ -57,7 +59,7 @@ limit_share() {
 FLUX=(--preset 2k_flux --size 2048x2048 --device cuda --batches "$BATCHES" --repeat "$REPEAT" --warmup 2)
 
 if [ $# -eq 0 ]; then
-    sed -n '2,32p' "$0"
+    sed -n '2,34p' "$0"
     exit 2
 fi
 
@@ -115,6 +117,10 @@ run_stage() {
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench cascade --preset 2k_flux --size 2048x2048 --device cuda \
                 --precision bf16 --sr-steps 50,4 --warmup 1 --repeat 3 --out "$dir"
             ;;
+        tiles)
+            "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench tiles --preset 2k_flux --device cuda --precision bf16 \
+                --sizes 2048x2048,4096x4096,8192x8192 --untiled-up-to 4096 --warmup 1 --repeat 3 --out "$dir"
+            ;;
         http)
             "${LIMIT[@]}" "$PYTHON" -m pidserve.cli bench http --preset 2k_flux --size 2048x2048 --device cuda \
                 --precision bf16 --backend torch --max-batch 4 --formats raw,png --concurrency 1,2,4 \
@@ -126,7 +132,7 @@ run_stage() {
                 --requests 12 --max-seconds 60 --out "$dir"
             ;;
         *)
-            echo "unknown stage '$stage'; stages: tests kernels eager compile attention fp8 cascade http http-compile" >&2
+            echo "unknown stage '$stage'; stages: tests kernels eager compile attention fp8 cascade tiles http http-compile" >&2
             return 2
             ;;
     esac

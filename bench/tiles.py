@@ -53,14 +53,23 @@ def bench_tiles(
     warmup: int = 1,
     repeat: int = 3,
     max_batch: int = 4,
+    untiled_up_to: int | None = None,
 ) -> list[TileTiming]:
-    """Untiled and tiled decodes at every size, one after another in this process."""
-    modes = [TILING_OFF, tiling]
+    """Untiled and tiled decodes at every size, one after another in this process.
+
+    untiled_up_to: the largest output side also decoded untiled (None: every size); above it only
+    the tiled row runs (an untiled decode there would take minutes or run out of memory)."""
+
+    def modes(size: tuple[int, int]) -> list[Tiling]:
+        untiled = untiled_up_to is None or max(size) <= untiled_up_to
+        return [TILING_OFF, tiling] if untiled else [tiling]
+
     rows = []
-    with tqdm(total=len(sizes) * len(modes) * (warmup + repeat), desc="decodes", unit="decode") as bar:
+    total = sum(len(modes(size)) for size in sizes) * (warmup + repeat)
+    with tqdm(total=total, desc="decodes", unit="decode") as bar:
         for size in sizes:
             batch = random_batch(net.cfg, 1, size, steps)
-            for mode in modes:
+            for mode in modes(size):
                 bar.set_postfix_str(f"{size[0]}x{size[1]} tile={mode}")
                 engine = open_engine(
                     backend, net=net, device=device, precision=precision, max_batch=max_batch, tiling=mode

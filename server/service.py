@@ -30,9 +30,12 @@ from pidserve.engines import MAX_SEED, DecodeBatch, EngineInputError
 from pidserve.model import (
     MAX_STUDENT_STEPS,
     LatentError,
+    PiDConfig,
     TilePlan,
     Tiling,
+    decode_flops,
     get_latent_space,
+    tiled_decode_flops,
     validate_sigma,
 )
 
@@ -168,8 +171,11 @@ class DecodeService:
     def _check_cost(
         self, count: int, latents: torch.Tensor, steps: int, info: ModelInfo, tiling: Tiling | None
     ) -> None:
-        """The request-cost model: output pixels (memory) and pixels x steps (compute), per request;
-        a tiled decode computes every window, overlaps included."""
+        """The request-cost model: output pixels (memory) and pixel-steps (compute), per request.
+
+        Pixel-steps are counted at the network's native size (see `charged_pixel_steps`): a tiled
+        decode pays for every window, overlaps included; an untiled one above the native size pays
+        for its global attention growing faster than its pixels."""
         limits = self.settings.request_limits()
         height, width = (int(n) * info.output_scale for n in latents.shape[-2:])
         pixels = count * height * width
@@ -182,16 +188,19 @@ class DecodeService:
                 "PIDSERVE_MAX_OUTPUT_PIXELS); send fewer or smaller latents"
             )
         plan = self._plan(latents[:1], tiling)
+        network = self.loader.network
+        assert network is not None  # set when the model became ready
+        cost = count * charged_pixel_steps(network, (height, width), plan, steps, self.loader.text_tokens)
         if plan is not None:
-            pixels_computed = count * plan.count * plan.window_pixels
             what = f"{what} in {plan.count} windows of {plan.tile[0]}x{plan.tile[1]}"
-        else:
-            pixels_computed = pixels
-        if pixels_computed * steps > limits.pixel_steps:
+        elif height * width > network.native_size[0] * network.native_size[1]:
+            what = f"{what} untiled (above the native {network.native_size[0]}x{network.native_size[1]})"
+        if cost > limits.pixel_steps:
+            hint = "" if plan is not None else ", or decode it in tiles (tile=auto)"
             raise too_large(
-                f"the request costs {what} pixels x {steps} steps = {pixels_computed * steps:,} "
-                f"pixel-steps; this server allows {limits.pixel_steps:,} per request {where} "
-                "(--max-pixel-steps / PIDSERVE_MAX_PIXEL_STEPS); send fewer or smaller latents or fewer steps"
+                f"the request ({what}, {steps} steps) costs {cost:,} pixel-steps; this server allows "
+                f"{limits.pixel_steps:,} per request {where} (--max-pixel-steps / "
+                f"PIDSERVE_MAX_PIXEL_STEPS); send fewer or smaller latents or fewer steps{hint}"
             )
 
     def _plan(self, latent: torch.Tensor, tiling: Tiling | None) -> TilePlan | None:
@@ -312,6 +321,26 @@ class DecodeService:
         seconds = time.monotonic() - start
         self.metrics.encode_seconds.labels(fmt).observe(seconds)
         return bodies, {"encode": seconds}
+
+
+def charged_pixel_steps(
+    network: PiDConfig, output: tuple[int, int], plan: TilePlan | None, steps: int, text_tokens: int
+) -> int:
+    """What one image's decode is charged against the pixel-steps limit: its FLOPs, in pixel-steps
+    at the network's native size (output pixels x steps there).
+
+    At the native size this is exactly pixels x steps, and a tiled decode in native windows pays
+    windows x window pixels x steps. An untiled decode above the native size pays more per pixel
+    than its pixels alone say: its patch attention is global, so its cost grows with the square of
+    its tokens (pid-tiny at 1024x1024 untiled: ~5x the pixels' share, and ~5x the time measured).
+    """
+    native_h, native_w = network.native_size
+    native = decode_flops(network, native_h, native_w, steps=steps, text_len=text_tokens).total
+    if plan is None:
+        work = decode_flops(network, *output, steps=steps, text_len=text_tokens).total
+    else:
+        work = tiled_decode_flops(network, plan, steps=steps, text_len=text_tokens).total
+    return round(work / native * native_h * native_w * steps)
 
 
 def _shutting_down(exc: ShuttingDown) -> ApiError:

@@ -20,17 +20,19 @@ OutputFormat = Literal["png", "jpeg", "webp", "raw", "safetensors"]
 
 class RequestLimits(NamedTuple):
     output_pixels: int  # pixels of all of a request's images together: what its decode holds in memory
-    pixel_steps: int  # output pixels x sampler steps summed over the request: what its decode computes
+    pixel_steps: int  # output pixels x steps at the native size's cost per pixel, summed: the compute
 
 
 # The request-cost defaults, per device type and precision: what one request may make the worker do.
-# CPU: this project's 2-core machine decodes about 0.16 M pixel-steps per second with pid-tiny and holds
-# ~0.8 GB per output megapixel, so a request at the limit (e.g. one 1448x1448 image, 4 steps) finishes
-# inside the 60 s default deadline in ~3.5 GB. CUDA: 16 images of 2048x2048 at 4 steps (bf16, fp8; a few
-# seconds on an H100-class GPU); fp32 runs several times slower, a quarter of that.
+# Pixel-steps are counted at the native size (service.charged_pixel_steps: tiled decodes pay for every
+# window, untiled ones above the native size for their global attention). CPU: this project's 2-core
+# machine decodes ~0.75 M such pixel-steps per second with pid-tiny v3 (bench/RESULTS.md, bench tiles),
+# so a request at the limit (e.g. one 2048x2048 output in 121 windows at 4 steps, 43 s measured) finishes
+# inside the 60 s default deadline, in under 1 GB tiled. CUDA: 16 images of 2048x2048 at 4 steps (bf16,
+# fp8; a few seconds on an H100-class GPU); fp32 runs several times slower, a quarter of that.
 LIMITS: dict[tuple[str, str], RequestLimits] = {
-    ("cpu", "fp32"): RequestLimits(output_pixels=2**22, pixel_steps=2**23),
-    ("cpu", "bf16"): RequestLimits(output_pixels=2**22, pixel_steps=2**23),
+    ("cpu", "fp32"): RequestLimits(output_pixels=2**22, pixel_steps=2**25),
+    ("cpu", "bf16"): RequestLimits(output_pixels=2**22, pixel_steps=2**25),
     ("cuda", "fp32"): RequestLimits(output_pixels=2**26, pixel_steps=2**26),
     ("cuda", "bf16"): RequestLimits(output_pixels=2**26, pixel_steps=2**28),
     ("cuda", "fp8"): RequestLimits(output_pixels=2**26, pixel_steps=2**28),

@@ -112,6 +112,10 @@ def bench_tiles_cmd(
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 4,
     warmup: Annotated[int, typer.Option(help="Untimed decodes first.")] = 1,
     repeat: Annotated[int, typer.Option(help="Timed decodes.")] = 3,
+    untiled_up_to: Annotated[
+        int | None,
+        typer.Option(help="Largest output side also decoded untiled (default: all); above it tiled only."),
+    ] = None,
     out: OutOpt = None,
 ) -> None:
     """Time and peak memory of one decode against output size: untiled and tiled, side by side."""
@@ -133,7 +137,7 @@ def bench_tiles_cmd(
     try:
         rows = bench_tiles(
             net, chosen, tiling, device=device, precision=precision, backend=backend, steps=steps,
-            warmup=warmup, repeat=repeat, max_batch=max_batch,
+            warmup=warmup, repeat=repeat, max_batch=max_batch, untiled_up_to=untiled_up_to,
         )  # fmt: skip
     except (EngineConfigError, EngineInputError, ValueError) as exc:
         raise fail(exc) from None

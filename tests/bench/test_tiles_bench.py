@@ -30,6 +30,17 @@ def test_bench_tiles_measures_untiled_and_tiled_side_by_side() -> None:
     assert "| 256x256 | 128x128:64 | 9 |" in tiles_table(rows)
 
 
+def test_bench_tiles_decodes_only_tiled_above_untiled_up_to() -> None:
+    net = PiDNet(PiDConfig.preset("tiny_v1.5")).eval()
+    sizes = [(128, 128), (256, 256)]
+    rows = bench_tiles(net, sizes, Tiling.parse("128x128:64"), repeat=1, warmup=0, untiled_up_to=128)
+    assert [(r.size, r.tiling) for r in rows] == [
+        ((128, 128), "off"),
+        ((128, 128), "128x128:64"),
+        ((256, 256), "128x128:64"),  # no untiled row above 128 px
+    ]
+
+
 def test_peak_memory_sees_an_allocation_between_start_and_stop() -> None:
     memory = PeakMemory("cpu")
     memory.start()
