@@ -536,7 +536,7 @@ def test_item_2_an_untiled_decode_above_the_native_size_pays_for_its_global_atte
     default_limits,
 ) -> None:
     """2048x2048 untiled is 16.8 M pixels x steps, under the 33.6 M limit, but its attention over 64x
-    the native tokens makes it ~15x dearer per pixel: refused, with the tiled decode named; the same
+    the native tokens makes it ~19x dearer per pixel: refused, with the tiled decode named; the same
     output in 121 native windows (31.7 M pixel-steps, ~43 s here: bench/RESULTS.md) is allowed."""
     from pidserve.model import PiDConfig, TilePlan, Tiling
     from pidserve.server.service import charged_pixel_steps
