@@ -195,6 +195,15 @@ def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def tiling_seam_excess(metrics: dict[str, dict[str, float]]) -> float | None:
+    """The tiled decode's seam score over the untiled one's at the same window borders: what the
+    tiling itself adds, apart from a decoder grid the borders happen to lie on (None: not tiled)."""
+    tiled, untiled = metrics.get("student_tiled", {}), metrics.get("student", {})
+    if "seam" not in tiled or "seam" not in untiled:
+        return None
+    return tiled["seam"] / untiled["seam"]
+
+
 GRID_ROWS = ("bicubic", "cascade", "teacher", "student", "student_tiled")
 
 
@@ -208,12 +217,15 @@ def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = ("crops", "crop", "scale", "metrics", "ground_truth_blockiness", "ground_truth_seam")
-    payload = {k: result.get(k) for k in keys}
+    payload = {k: result.get(k) for k in keys} | {"tiling_seam_excess": tiling_seam_excess(result["metrics"])}
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown_table(result["metrics"])
     table += f"\n\nground-truth blockiness: {result['ground_truth_blockiness']:.3f}\n"
     if result.get("ground_truth_seam") is not None:
         table += f"ground-truth seam score at the window borders: {result['ground_truth_seam']:.3f}\n"
+    excess = tiling_seam_excess(result["metrics"])
+    if excess is not None:
+        table += f"tiled over untiled seam score at the same borders (what tiling adds): {excess:.3f}\n"
     (out_dir / "table.md").write_text(table)
     count = len(result["hr"])
     pick = torch.linspace(0, count - 1, grid_columns).round().long()

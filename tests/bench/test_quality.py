@@ -19,6 +19,7 @@ from pidserve.bench.quality import (
     evaluate,
     psnr,
     radial_log_spectrum,
+    seam_score,
     spectral_distance,
     spectrum_frequencies,
     srgb_to_lab,
@@ -148,6 +149,23 @@ def test_blockiness_finds_a_block_grid_and_not_a_photo_like_texture() -> None:
         blockiness(img[:, :, :12, :12], periods=(16,))
 
 
+def test_seam_score_finds_a_step_at_the_window_borders_only() -> None:
+    # blurred noise: a texture with no preferred lines (textured_images has knots every 8 px)
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    img = 0.2 + 0.6 * gaussian_blur(noise, 1.5)
+    borders = [16, 32, 48]
+    assert (seam_score(img, borders, borders) - 1).abs().max() < 0.15  # no seam there
+    # 4 x 4 windows of 16 px whose levels disagree by up to 10 %: steps at their borders.
+    levels = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    seamed = (img + 0.2 * (F.interpolate(levels, scale_factor=16) - 0.5)).clamp(0, 1)
+    assert (seam_score(seamed, borders, borders) > 1.5).all()
+    between = [8, 24, 40, 56]
+    # inside windows no seam (under 1: the borders' steps now count in the mean "elsewhere")
+    assert (seam_score(seamed, between, between) < 1.0).all()
+    with pytest.raises(ValueError, match="at least one window border"):
+        seam_score(img, [], [])
+
+
 def test_colour_shift_is_the_largest_mean_channel_difference_in_levels() -> None:
     img = textured_images(batch=2, size=32)
     low = F.avg_pool2d(img, 4)
@@ -217,3 +235,11 @@ def test_bad_sizes_and_scales_raise_value_error() -> None:
         colour_error(img, torch.rand(1, 3, 4, 4), 0)
     with pytest.raises(ValueError, match="min_frequency"):
         spectral_distance(img, img, min_frequency=1.0)
+
+
+def test_tiling_seam_excess_compares_tiled_with_untiled_at_the_same_borders() -> None:
+    from pidserve.bench.decoder_quality import tiling_seam_excess
+
+    metrics = {"student": {"seam": 1.25}, "student_tiled": {"seam": 1.3125}}
+    assert tiling_seam_excess(metrics) == pytest.approx(1.05)
+    assert tiling_seam_excess({"student": {"psnr": 20.0}}) is None  # not tiled: no seams measured
