@@ -311,11 +311,17 @@ def seeded_noises(
 ) -> list[torch.Tensor]:
     """`steps` noise tensors of `shape` [B, ...]: sample i's draws come, in order, from seeds[i]'s own
     noise stream on `device` — so a sample's pixels do not depend on its batch-mates."""
-    per_sample = []
-    for seed in seeds.tolist():
-        draw = _noise_stream(int(seed), (1, *shape[1:]), device)
-        per_sample.append([draw() for _ in range(steps)])
-    return [torch.cat([draws[k] for draws in per_sample]) for k in range(steps)]
+    draw = seeded_noise_stream(seeds, shape, device)
+    return [draw() for _ in range(steps)]
+
+
+def seeded_noise_stream(
+    seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """The same draws as `seeded_noises`, one [B, ...] tensor per call, made when asked for: a tiled
+    decode of a large output holds one whole-image draw at a time instead of all of them."""
+    streams = [_noise_stream(int(seed), (1, *shape[1:]), device) for seed in seeds.tolist()]
+    return lambda: torch.cat([draw() for draw in streams])
 
 
 def _noise_stream(seed: int, shape: tuple[int, ...], device: torch.device):

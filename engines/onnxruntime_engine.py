@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from .base import (
     EngineConfigError,
     ShapeProfile,
     StageTimer,
+    seeded_noise_stream,
     seeded_noises,
     stoppable,
 )
@@ -100,14 +102,15 @@ class OnnxRuntimeEngine(Engine):
         plan = self._caps.plan(batch)
         timer = StageTimer(torch.device("cpu"))
         height, width = self._caps.image_size(batch.latents.shape[-2:])
-        with timer.stage("noise"):
-            noises = seeded_noises(
-                batch.seeds, (batch.size, 3, height, width), batch.steps, torch.device("cpu")
-            )
-        if plan is not None:
+        shape = (batch.size, 3, height, width)
+        if plan is not None:  # the noise is drawn step by step inside
             with timer.stage("tiled"):
-                x0 = self._decode_tiled(plan, batch, noises)
+                x0 = self._decode_tiled(
+                    plan, batch, seeded_noise_stream(batch.seeds, shape, torch.device("cpu"))
+                )
         else:
+            with timer.stage("noise"):
+                noises = seeded_noises(batch.seeds, shape, batch.steps, torch.device("cpu"))
             with timer.stage("condition"):
                 features = self._features(batch.latents, batch.sigmas, batch.text)
             with timer.stage("steps"):
@@ -118,7 +121,9 @@ class OnnxRuntimeEngine(Engine):
             images = kernels.postprocess(x0)
         return DecodeResult(images=images, timings=timer.result(), windows=1 if plan is None else plan.count)
 
-    def _decode_tiled(self, plan: TilePlan, batch: DecodeBatch, noises: list[torch.Tensor]) -> torch.Tensor:
+    def _decode_tiled(
+        self, plan: TilePlan, batch: DecodeBatch, draw: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
         """Windows of the export's size, up to its largest batch of window rows per graph run."""
         return decode_tiled(
             plan,
@@ -126,7 +131,7 @@ class OnnxRuntimeEngine(Engine):
             batch.latents,
             batch.sigmas,
             batch.text,
-            noises,
+            draw,
             self.profile.max_batch,
             self._features,
             self._velocity,

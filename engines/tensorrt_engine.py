@@ -59,6 +59,7 @@ from .base import (
     copy_to_host,
     on_device,
     padded_batch_size,
+    seeded_noise_stream,
     seeded_noises,
     stop_if_abandoned,
     warmup_text_tokens,
@@ -304,9 +305,8 @@ class StaticDecoder:
                 latents = batch.latents.to(self.device, non_blocking=True)
                 sigmas = batch.sigmas.to(self.device, non_blocking=True)
                 text = None if batch.text is None else batch.text.to(self.device, non_blocking=True)
-            with timer.stage("noise"):
-                shape = (batch.size, self.cfg.in_channels, height, width)
-                noises = seeded_noises(batch.seeds, shape, batch.steps, self.device)
+            shape = (batch.size, self.cfg.in_channels, height, width)
+            draw = seeded_noise_stream(batch.seeds, shape, self.device)  # drawn step by step, in "tiled"
 
             def velocity(rows: tuple, x_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
                 latent_rows, sigma_rows, text_rows = rows
@@ -328,7 +328,7 @@ class StaticDecoder:
                     latents,
                     sigmas,
                     text,
-                    noises,
+                    draw,
                     max(self.batch_sizes),
                     lambda *rows: rows,  # conditioned again with every step (see above)
                     velocity,

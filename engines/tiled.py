@@ -2,7 +2,8 @@
 
     plan (model/tiling.py)  ->  per chunk: condition(latent rows, sigma rows, text rows) once
                             ->  per step: velocity(state, x rows, t rows) per chunk, blended
-                            ->  student_steps with the whole image's seeded noise (as untiled)
+                            ->  student_steps with the whole image's seeded noise (as untiled), drawn
+                                step by step so one whole-image draw is held at a time
 
 A backend supplies only `condition` and `velocity` over rows; chunks hold at most `row_batch` rows
 (window x sample pairs), so activation memory is bounded by one chunk whatever the output size. A
@@ -34,7 +35,7 @@ def decode_tiled(
     latents: torch.Tensor,
     sigmas: torch.Tensor,
     text: torch.Tensor | None,
-    noises: list[torch.Tensor],
+    draw: Callable[[], torch.Tensor],
     row_batch: int,
     condition: RowCondition,
     velocity: RowStep,
@@ -42,7 +43,8 @@ def decode_tiled(
 ) -> torch.Tensor:
     """float32 x0 [B, 3, H, W] in [-1, 1] on the inputs' device.
 
-    latents/sigmas/text: the batch on the device (B rows); noises: `steps` whole-image draws.
+    latents/sigmas/text: the batch on the device (B rows); draw: the next whole-image noise draw
+    [B, 3, H, W] (base.seeded_noise_stream), called batch.steps times.
     batch_sizes: the only row counts `condition` and `velocity` accept (None: any up to row_batch).
     Asks `batch.abandoned` before every chunk of every step and reports `batch.progress`.
     """
@@ -58,10 +60,8 @@ def decode_tiled(
         n = x_rows.shape[0]
         return velocity(states[chunk], _padded(x_rows, pad), _padded(t_rows, pad))[:n]
 
-    steps = len(noises)
-    blended = tiled_velocity(plan, size, row_batch, velocity_rows, steps, batch.progress)
-    draws = iter(noises)
-    return student_steps(blended, draws.__next__, student_timesteps(steps))
+    blended = tiled_velocity(plan, size, row_batch, velocity_rows, batch.steps, batch.progress)
+    return student_steps(blended, draw, student_timesteps(batch.steps))
 
 
 def _padded(rows: torch.Tensor | None, pad: Callable[[int], int]) -> torch.Tensor | None:

@@ -37,6 +37,7 @@ from .base import (
     copy_to_host,
     on_device,
     padded_batch_size,
+    seeded_noise_stream,
     seeded_noises,
     stop_if_abandoned,
     stoppable,
@@ -185,15 +186,17 @@ class TorchEngine(Engine):
                 latents = batch.latents.to(self.device, non_blocking=True)
                 sigmas = batch.sigmas.to(self.device, non_blocking=True)
                 text = None if batch.text is None else batch.text.to(self.device, non_blocking=True)
-            with timer.stage("noise"):
-                noises = seeded_noises(batch.seeds, (batch.size, 3, height, width), batch.steps, self.device)
+            shape = (batch.size, 3, height, width)
             # Compilation and graph capture happen inside _compute, so they see the attention choice too.
             with on_device(self.device), attention_context(self.attention_backend):
                 if plan is None:
+                    with timer.stage("noise"):
+                        noises = seeded_noises(batch.seeds, shape, batch.steps, self.device)
                     pixels = self._compute(latents, sigmas, noises, text, timer, batch)
-                else:
+                else:  # the noise is drawn step by step inside
                     with timer.stage("tiled"):
-                        x0 = self._compute_tiled(plan, latents, sigmas, noises, text, batch)
+                        draw = seeded_noise_stream(batch.seeds, shape, self.device)
+                        x0 = self._compute_tiled(plan, latents, sigmas, draw, text, batch)
                     with timer.stage("postprocess"):
                         pixels = kernels.postprocess(x0)
             with timer.stage("d2h"):
@@ -205,7 +208,7 @@ class TorchEngine(Engine):
         plan: TilePlan,
         latents: torch.Tensor,
         sigmas: torch.Tensor,
-        noises: list[torch.Tensor],
+        draw: Callable[[], torch.Tensor],
         text: torch.Tensor | None,
         batch: DecodeBatch,
     ) -> torch.Tensor:
@@ -221,7 +224,7 @@ class TorchEngine(Engine):
 
         row_batch = self._caps.max_batch
         return decode_tiled(
-            plan, batch, latents, sigmas, text, noises, row_batch, condition, velocity, row_counts
+            plan, batch, latents, sigmas, text, draw, row_batch, condition, velocity, row_counts
         )
 
     def _window_network(self) -> tuple[Velocity, tuple[int, ...] | None]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pidserve.engines import DecodeAbandoned, DecodeBatch, EngineInputError, ShapeProfile, open_engine
-from pidserve.engines.base import seeded_noises
+from pidserve.engines.base import seeded_noise_stream, seeded_noises
 from pidserve.engines.build import export_onnx
 from pidserve.model import TILING_OFF, PiDNet, Tiling, sample_tiled, to_uint8_hwc
 
@@ -41,6 +41,16 @@ def _reference(net: PiDNet, batch: DecodeBatch, window_batch: int = 1) -> torch.
             window_batch=window_batch,
         )  # fmt: skip
     return to_uint8_hwc(x)
+
+
+def test_the_noise_stream_tiled_decodes_draw_from_is_the_seeded_noise() -> None:
+    """Tiled decodes draw one whole-image noise per step (one held at a time, not `steps`): the same
+    tensors as the pre-drawn list untiled decodes use, seed by seed, high 32-bit seeds included."""
+    seeds = torch.tensor([3, 2**40 + 7])
+    shape = (2, 3, 16, 24)
+    draw = seeded_noise_stream(seeds, shape, torch.device("cpu"))
+    for expected in seeded_noises(seeds, shape, 4, torch.device("cpu")):
+        assert torch.equal(draw(), expected)
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-compile", "onnxruntime"])
