@@ -28,8 +28,9 @@ class RequestLimits(NamedTuple):
 # window, untiled ones above the native size for their global attention). CPU: this project's 2-core
 # machine decodes ~0.75 M such pixel-steps per second with pid-tiny v3 (bench/RESULTS.md, bench tiles),
 # so a request at the limit (e.g. one 2048x2048 output in 121 windows at 4 steps: 43-45 s for the engine
-# alone, 52-53 s through `make serve`) finishes inside the 60 s default deadline, in under 1 GB tiled. CUDA: 16 images of 2048x2048 at 4 steps (bf16,
-# fp8; a few seconds on an H100-class GPU); fp32 runs several times slower, a quarter of that.
+# alone, 52-53 s through `make serve`) finishes inside the 60 s default deadline, in under 1 GB tiled.
+# CUDA: 16 images of 2048x2048 at 4 steps (bf16, fp8; a few seconds on an H100-class GPU); fp32 runs
+# several times slower, a quarter of that.
 LIMITS: dict[tuple[str, str], RequestLimits] = {
     ("cpu", "fp32"): RequestLimits(output_pixels=2**22, pixel_steps=2**25),
     ("cpu", "bf16"): RequestLimits(output_pixels=2**22, pixel_steps=2**25),
