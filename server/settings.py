@@ -88,7 +88,8 @@ class ServerSettings(BaseSettings):
     max_pixel_steps: int | None = Field(
         None,
         ge=1,
-        description="Output pixels x sampler steps per request (compute); default per device and precision.",
+        description="Output pixels x sampler steps per request (compute), at the native size's cost per "
+        "pixel (service.charged_pixel_steps); default per device and precision.",
     )
     max_request_latents: int = Field(16, ge=1, description="Latents in one request.")
 

@@ -47,7 +47,11 @@ def serve(
         int | None, typer.Option(help="Output pixels per request (default per device: docs/serving.md).")
     ] = None,
     max_pixel_steps: Annotated[
-        int | None, typer.Option(help="Output pixels x steps per request (default per device and precision).")
+        int | None,
+        typer.Option(
+            help="Output pixels x steps per request, at the native size's cost per pixel (tiled: every "
+            "window; docs/serving.md); default per device and precision."
+        ),
     ] = None,
     max_request_latents: Annotated[int | None, typer.Option(help="Latents in one request (16).")] = None,
     encode_workers: Annotated[int | None, typer.Option(help="Encoder pool size (default: cores).")] = None,
