@@ -217,13 +217,13 @@ def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = ("crops", "crop", "scale", "metrics", "ground_truth_blockiness", "ground_truth_seam")
-    payload = {k: result.get(k) for k in keys} | {"tiling_seam_excess": tiling_seam_excess(result["metrics"])}
+    excess = tiling_seam_excess(result["metrics"])
+    payload = {k: result.get(k) for k in keys} | {"tiling_seam_excess": excess}
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown_table(result["metrics"])
     table += f"\n\nground-truth blockiness: {result['ground_truth_blockiness']:.3f}\n"
     if result.get("ground_truth_seam") is not None:
         table += f"ground-truth seam score at the window borders: {result['ground_truth_seam']:.3f}\n"
-    excess = tiling_seam_excess(result["metrics"])
     if excess is not None:
         table += f"tiled over untiled seam score at the same borders (what tiling adds): {excess:.3f}\n"
     (out_dir / "table.md").write_text(table)

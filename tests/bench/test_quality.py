@@ -155,7 +155,7 @@ def test_seam_score_finds_a_step_at_the_window_borders_only() -> None:
     img = 0.2 + 0.6 * gaussian_blur(noise, 1.5)
     borders = [16, 32, 48]
     assert (seam_score(img, borders, borders) - 1).abs().max() < 0.15  # no seam there
-    # 4 x 4 windows of 16 px whose levels disagree by up to 10 %: steps at their borders.
+    # 4 x 4 windows of 16 px, each offset by up to +-10 % of full scale: steps at their borders.
     levels = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
     seamed = (img + 0.2 * (F.interpolate(levels, scale_factor=16) - 0.5)).clamp(0, 1)
     assert (seam_score(seamed, borders, borders) > 1.5).all()
