@@ -72,7 +72,8 @@ default-model: $(STAMP)
 	$(BIN)/pidserve bench x0-error runs/pid-tiny-regression/teacher_ema.safetensors \
 		runs/pid-tiny-teacher/teacher_ema.safetensors --autoencoder model/weights/tiny-ae.safetensors
 	$(BIN)/pidserve train distill -c recipes/pid_tiny_distill.toml
-	cp runs/pid-tiny-distill/student.safetensors model/weights/pid-tiny.safetensors
+	$(BIN)/pidserve train distill -c recipes/pid_tiny_finetune.toml
+	cp runs/pid-tiny-finetune/student.safetensors model/weights/pid-tiny.safetensors
 
 # Wheels for an offline GPU machine whose image has torch, triton, numpy, safetensors, pillow, tqdm,
 # httpx, prometheus-client and nvidia-ml-py but not the rest of pidserve's dependencies (the lent

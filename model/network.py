@@ -16,6 +16,7 @@ the text stream.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -255,6 +256,11 @@ class PiDNet(nn.Module):
         per_dim = cfg.gate_type == "per_token_per_dim"
         self.gates = nn.ModuleList(SigmaGate(dim, per_dim) for _ in range(cfg.num_gates))
         self.pixel_gate = SigmaGate(dim, per_dim) if cfg.pixel_gate else None
+        # Pixel position tables still in use, by (size, origin, device, dtype): every chunk of a tiled
+        # decode conditions windows of one size, so they share one table (4 MB per chunk for pid-tiny,
+        # 128 MB in bf16 for the 2k variants) instead of holding a copy each. Weak values: a table
+        # lives only as long as some Conditioning holds it, so nothing stays allocated between decodes.
+        self._position_tables: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -388,13 +394,33 @@ class PiDNet(nn.Module):
     def pixel_position_features(
         self, height: int, width: int, device: torch.device, origin: tuple[int, int] = (0, 0)
     ) -> torch.Tensor:
-        """The fixed pixel position table as per-patch pixel tokens [L, P*P, pixel_hidden]."""
+        """The fixed pixel position table as per-patch pixel tokens [L, P*P, pixel_hidden] (read-only:
+        tables of one size are shared while in use)."""
         cfg = self.cfg
-        return pixel_position_tokens(
-            height, width, cfg.pixel_hidden_size, cfg.patch_size, device, self.dtype, origin
-        )
+        if _tracing():  # an export or a compiled graph computes its own
+            return pixel_position_tokens(
+                height, width, cfg.pixel_hidden_size, cfg.patch_size, device, self.dtype, origin
+            )
+        key = (height, width, tuple(origin), str(torch.device(device)), self.dtype)
+        table = self._position_tables.get(key)
+        if table is None:
+            table = pixel_position_tokens(
+                height, width, cfg.pixel_hidden_size, cfg.patch_size, device, self.dtype, origin
+            )
+            self._position_tables[key] = table
+        return table
 
     def _rope_ref_grid(self) -> tuple[int, int]:
         """The patch grid of the RoPE reference size (the NTK rescaling's reference)."""
         ref_h, ref_w = self.cfg.rope_ref_size
         return ref_h // self.cfg.patch_size, ref_w // self.cfg.patch_size
+
+
+def _tracing() -> bool:
+    """True while torch.compile, torch.export / ONNX export or TorchScript traces the network."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+    )

@@ -22,7 +22,7 @@ from .config import AutoencoderTrainConfig, config_dict
 from .data import CropSpec, PhotoCrops, degrade, grid_crops, make_loader
 from .distributed import all_mean, init_distributed, shutdown, wrap_model
 from .ema import EMA
-from .loop import Progress, check_finite, save_grid, scheduled_lr, set_lr
+from .loop import Progress, check_finite, fft_magnitude_l1, save_grid, scheduled_lr, set_lr
 from .state import latest_checkpoint, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,7 @@ def autoencoder_loss(ae: torch.nn.Module, image: torch.Tensor, cfg: AutoencoderT
     latent = ae.encoder(image)
     recon = ae.decoder(latent)
     l1 = (recon - image).abs().mean()
-    fft = (
-        torch.fft.rfft2(recon.float(), norm="ortho").abs()
-        - torch.fft.rfft2(image.float(), norm="ortho").abs()
-    )
-    fft_l1 = fft.abs().mean()
+    fft_l1 = fft_magnitude_l1(recon, image)
     reg = latent.float().pow(2).mean()
     loss = l1 + cfg.fft_weight * fft_l1 + cfg.latent_l2 * reg
     metrics = {"l1": l1.item(), "fft": fft_l1.item(), "latent_rms": reg.sqrt().item()}

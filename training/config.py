@@ -91,12 +91,19 @@ class TeacherTrainConfig(CommonConfig):
 @dataclass
 class DistillTrainConfig(CommonConfig):
     teacher: str = ""  # the teacher's .safetensors (ours); student and fake score start from it
+    # Optional starting weights of the student (an earlier student's .safetensors): continue a
+    # distilled student under a new objective instead of starting it from the teacher.
+    student_init: str = ""
     autoencoder: str = ""
     # Learning rates and weights: DMD2's published recipe (Yin et al. 2024) unless overridden.
     lr: float = 5e-7  # student
     fake_lr: float = 5e-7  # fake score network and GAN head
-    fake_updates: int = 5  # fake-score / discriminator updates per student update
+    # fake-score / discriminator updates per student update; 0 (only with dmd_weight = gan_weight = 0)
+    # trains the student on its paired terms alone, without the fake score's cost
+    fake_updates: int = 5
     student_mode: str = "teacher_forcing"  # teacher_forcing (official PiD default) | backward_simulation
+    # The sampler steps k (0..3) whose x0 prediction the student is trained on, one drawn per step.
+    rollout_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     dmd_weight: float = 1.0
     gan_weight: float = 5e-3  # generator's GAN loss weight
     gan_fake_weight: float = 1e-2  # discriminator loss weight in the fake-score update
@@ -107,6 +114,12 @@ class DistillTrainConfig(CommonConfig):
     # Not in DMD2: an MSE pull of the student's x0 towards the real image (a decoder has paired
     # data). 0 = pure DMD2 + GAN. Useful when the teacher is weak (short CPU runs).
     regression_weight: float = 0.0
+    # Not in DMD2 either: L1 between the FFT magnitudes of x0 and of the real image (as the
+    # autoencoder's fft_weight), which keeps a regression-weighted student from blurring.
+    fft_weight: float = 0.0
+    # Not in DMD2: MSE between x0 and the real image averaged over each latent cell's output pixels
+    # (32 x 32 for pid-tiny): the low-frequency colour the latent carries, i.e. the colour cast.
+    cell_mean_weight: float = 0.0
     position_jitter: int = 0  # as in the teacher config: pixel position table origin per step
     dmd_t_min: float = 0.02  # diffusion times at which the score difference is measured
     dmd_t_max: float = 0.98

@@ -14,6 +14,10 @@ The same x0_gen feeds both student losses:
          loss = 0.5 |x0_gen - sg(x0_gen - grad)|^2 (the normalised distribution-matching gradient)
     GAN: softplus(-D(teacher_features(noised x0_gen)))
     optional regression (regression_weight > 0, off by default): |x0_gen - x0|^2 against the real image
+    optional FFT term (fft_weight > 0, off by default): L1 of |FFT(x0_gen)| - |FFT(x0)|
+    optional colour term (cell_mean_weight > 0, off by default): MSE of both averaged per latent cell
+A term whose weight is 0 is not computed; with dmd_weight = gan_weight = 0 and fake_updates = 0
+the run is a paired fine-tune of the student (e.g. of a distilled student, `student_init`).
 Fake/discriminator update: flow matching of F on detached x0_gen; D real vs fake (softplus),
 plus the approximate R1 penalty lambda * |D(x_real) - D(x_real + N(0, r1_sigma^2))|^2.
 
@@ -56,7 +60,7 @@ from .data import (
 from .distributed import DistInfo, all_mean, average_gradients, clip_gradients, init_distributed, shutdown
 from .ema import EMA
 from .inputs import FrozenEncoder, LatentInputs, latent_inputs, pixel_origin
-from .loop import Progress, check_finite, save_grid, scheduled_lr, set_lr
+from .loop import Progress, check_finite, fft_magnitude_l1, save_grid, scheduled_lr, set_lr
 from .state import latest_checkpoint, load_training_state, save_training_state
 from .teacher import autocast_for
 
@@ -80,10 +84,13 @@ class GanHead(nn.Module):
 class Distiller:
     """Holds the four networks and computes the two phases' losses for one local batch."""
 
-    def __init__(self, teacher: PiDNet, cfg: DistillTrainConfig, device: torch.device) -> None:
+    def __init__(
+        self, teacher: PiDNet, cfg: DistillTrainConfig, device: torch.device, student: PiDNet | None = None
+    ) -> None:
+        """`student`: its starting weights (default: a copy of the teacher)."""
         self.cfg = cfg
         self.teacher = teacher.to(device).eval().requires_grad_(False)
-        self.student = _copy(teacher).to(device).train().requires_grad_(True)
+        self.student = _copy(student or teacher).to(device).train().requires_grad_(True)
         self.fake = _copy(teacher).to(device).train().requires_grad_(True)
         self.head = GanHead(teacher.cfg.hidden_size).to(device)
         depth = len(teacher.patch_blocks)
@@ -160,25 +167,47 @@ class Distiller:
         origin = pixel_origin(seeds, cfg.position_jitter, SALT_ORIGIN)
         s_cond = self.student.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
         x0_gen = self.rollout(inputs, hr, seeds, k, s_cond, grad=True)
-        x_t, t, _ = self.noised(x0_gen, seeds, SALT_DMD_T, SALT_DMD_EPS)
-        t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
-        with torch.no_grad():
-            x_in = x_t.detach()
-            t4 = t.view(-1, 1, 1, 1)
-            x0_real = predict_x0(x_in, t4, self.teacher.velocity(x_in, t * FM_TIMESCALE, t_cond).float())
-            f_cond = self.fake.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
-            x0_fake = predict_x0(x_in, t4, self.fake.velocity(x_in, t * FM_TIMESCALE, f_cond).float())
-            weight = (x0_gen.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-            grad = (x0_fake - x0_real) / weight
-        dmd = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
-        gan = F.softplus(-self.logits(x_t, t, t_cond)).mean()
-        loss = cfg.dmd_weight * dmd + cfg.gan_weight * gan
-        metrics = {"dmd": dmd.item(), "gan_g": gan.item()}
+        loss = x0_gen.new_zeros(())
+        metrics: dict[str, float] = {}
+        if cfg.dmd_weight > 0 or cfg.gan_weight > 0:
+            x_t, t, _ = self.noised(x0_gen, seeds, SALT_DMD_T, SALT_DMD_EPS)
+            t_cond = self.teacher.condition(inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin)
+        if cfg.dmd_weight > 0:
+            with torch.no_grad():
+                x_in = x_t.detach()
+                t4 = t.view(-1, 1, 1, 1)
+                x0_real = predict_x0(x_in, t4, self.teacher.velocity(x_in, t * FM_TIMESCALE, t_cond).float())
+                f_cond = self.fake.condition(
+                    inputs.latent, inputs.sigma, image_size=size, pixel_origin=origin
+                )
+                x0_fake = predict_x0(x_in, t4, self.fake.velocity(x_in, t * FM_TIMESCALE, f_cond).float())
+                weight = (x0_gen.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+                grad = (x0_fake - x0_real) / weight
+            dmd = 0.5 * F.mse_loss(x0_gen, (x0_gen - grad).detach())
+            loss = loss + cfg.dmd_weight * dmd
+            metrics["dmd"] = dmd.item()
+        if cfg.gan_weight > 0:
+            gan = F.softplus(-self.logits(x_t, t, t_cond)).mean()
+            loss = loss + cfg.gan_weight * gan
+            metrics["gan_g"] = gan.item()
         if cfg.regression_weight > 0:
             # Optional paired term (not part of DMD2): a decoder has the ground truth of every latent.
             regression = F.mse_loss(x0_gen, hr)
             loss = loss + cfg.regression_weight * regression
             metrics["regression"] = regression.item()
+        if cfg.fft_weight > 0:
+            fft = fft_magnitude_l1(x0_gen, hr)
+            loss = loss + cfg.fft_weight * fft
+            metrics["fft"] = fft.item()
+        if cfg.cell_mean_weight > 0:
+            cell = self.student.cfg.output_scale
+            cell_mean = F.mse_loss(F.avg_pool2d(x0_gen, cell), F.avg_pool2d(hr, cell))
+            loss = loss + cfg.cell_mean_weight * cell_mean
+            metrics["cell_mean"] = cell_mean.item()
+        if not metrics:
+            raise ValueError(
+                "every student loss weight is 0: set dmd_weight, gan_weight, regression_weight or fft_weight"
+            )
         return loss, metrics
 
 
@@ -194,9 +223,10 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    _check_objective(cfg)
     teacher = load_checkpoint(cfg.teacher)
     net_cfg = teacher.cfg
-    d = Distiller(teacher, cfg, info.device)
+    d = Distiller(teacher, cfg, info.device, _student_init(cfg.student_init, teacher))
     encoder = FrozenEncoder(cfg.autoencoder, net_cfg, info.device)
     student_params = list(d.student.parameters())
     fake_params = list(d.fake.parameters()) + list(d.head.parameters())
@@ -221,7 +251,8 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
     progress = Progress(run_dir, step, cfg.steps, cfg.batch * per_step, info.is_main)
     while step < cfg.steps:
         step += 1
-        k = sample_seed(cfg.seed, step) % 4  # the rollout step, shared by every process
+        # the rollout step, shared by every process
+        k = cfg.rollout_steps[sample_seed(cfg.seed, step) % len(cfg.rollout_steps)]
         metrics: dict[str, float] = {"k": float(k)}
         with autocast_for(cfg.precision, info.device):
             for _ in range(cfg.fake_updates):
@@ -234,7 +265,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
                 average_gradients(fake_params, info)
                 clip_gradients(fake_params, cfg.grad_clip)
                 opt_f.step()
-            metrics |= m
+                metrics |= m
             hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
             loss_g, m = d.student_loss(hr, inputs, seeds, k)
         check_finite(loss_g, step)
@@ -271,6 +302,42 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
         log.info("wrote %s", final)
     shutdown(info)
     return final
+
+
+def _check_objective(cfg: DistillTrainConfig) -> None:
+    """Refuse recipes that would train nothing, or train against a fake score that never learns."""
+    if not cfg.rollout_steps or any(k not in range(4) for k in cfg.rollout_steps):
+        raise ValueError(f"rollout_steps must list sampler steps in 0..3, got {cfg.rollout_steps}")
+    if cfg.fake_updates < 0:
+        raise ValueError(f"fake_updates must be >= 0, got {cfg.fake_updates}")
+    if cfg.fake_updates == 0 and (cfg.dmd_weight > 0 or cfg.gan_weight > 0):
+        raise ValueError(
+            "fake_updates = 0 leaves the fake score and the GAN head untrained: "
+            "set dmd_weight = 0 and gan_weight = 0 (a paired fine-tune), or fake_updates >= 1"
+        )
+
+
+def _student_init(path: str, teacher: PiDNet) -> PiDNet | None:
+    """The student's starting weights from `path` (None: start from the teacher).
+
+    A distilled student ships without the teacher's training-only aux RGB head; its other
+    tensors must match the teacher's architecture exactly, since the student replaces it.
+    """
+    if not path:
+        return None
+    init = load_checkpoint(path)
+    if init.cfg.replace(aux_rgb_head=False) != teacher.cfg.replace(aux_rgb_head=False):
+        raise ValueError(
+            f"student_init {path} is not the teacher's architecture: {init.cfg} vs {teacher.cfg}"
+        )
+    student = _copy(teacher)
+    missing, unexpected = student.load_state_dict(init.state_dict(), strict=False)
+    leftover = [k for k in missing if not k.startswith("adapter.aux_rgb_head.")]
+    if leftover or unexpected:
+        raise ValueError(
+            f"student_init {path} does not fit the teacher: missing {leftover}, unexpected {unexpected}"
+        )
+    return student
 
 
 def _batch(batch: dict, encoder: FrozenEncoder, noise: LatentNoise, info: DistInfo) -> tuple:

@@ -39,6 +39,20 @@ def scheduled_lr(step: int, base_lr: float, cfg) -> float:
     return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def fft_magnitude_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean |(|FFT(pred)| - |FFT(target)|)| over [B, C, H, W]: penalises missing (or made-up)
+    energy per frequency whatever its phase, so, added to a pixel loss, it keeps a decoder from
+    trading detail for a blur."""
+    return (
+        (
+            torch.fft.rfft2(pred.float(), norm="ortho").abs()
+            - torch.fft.rfft2(target.float(), norm="ortho").abs()
+        )
+        .abs()
+        .mean()
+    )
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

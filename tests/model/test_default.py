@@ -165,18 +165,23 @@ def holdout_figures() -> dict[str, dict[str, float]]:
 
 
 def test_the_shipped_default_does_not_regress_on_held_out_crops(holdout_figures) -> None:
-    """v3 as shipped (2026-12-02) on these crops: PSNR 20.19 dB, colour shift 3.58 levels, blockiness
-    1.31, spectral distance 0.37 (v2: 19.51 dB, 10.2 levels, 1.49, 0.34). Deterministic, so the bounds
-    are tight: new weights must be at least this good."""
+    """v3.1 as shipped (2026-12-03) on these crops: PSNR 21.07 dB, SSIM 0.468, ΔE00 5.76, colour shift
+    3.06 levels, blockiness 1.363, spectral distance 0.56 (v3: 20.19 dB, SSIM ~0.35, 3.58 levels,
+    1.31, 0.37). Deterministic, so the bounds are tight: new weights must be at least this good. v3.1
+    loosened two of v3's bounds on purpose: its fine-tune removed most of v3's grain, which lowers the
+    steps between grid lines that the blockiness ratio divides by and the high-frequency energy the
+    spectral distance compares (still 8x below the cascade's 4.7); docs/quality.md, "v3.1"."""
     student = holdout_figures["student"]
-    assert student["psnr"] >= 20.1
-    assert student["colour_shift"] <= 3.7
-    assert student["blockiness"] <= 1.34
-    assert student["spectral_distance"] <= 0.5
+    assert student["psnr"] >= 21.0
+    assert student["ssim"] >= 0.46
+    assert student["colour_error"] <= 5.8
+    assert student["colour_shift"] <= 3.1
+    assert student["blockiness"] <= 1.37
+    assert student["spectral_distance"] <= 0.6
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 16's goal, not met by v3: the student is ~2.3 dB below the cascade"
+    strict=True, reason="issue 16's goal, not met by v3.1: the student is ~1.4 dB below the cascade here"
 )
 def test_the_default_meets_issue_16s_goal_on_held_out_crops(holdout_figures) -> None:
     """Flips to a pass (and so, being strict, fails) the day the embedded default meets its goal:

@@ -103,6 +103,21 @@ def test_the_window_batch_changes_nothing_but_float_rounding_and_a_seed_reproduc
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
+def test_window_chunks_share_one_pixel_position_table_that_dies_with_the_decode(net) -> None:
+    z = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    sigma = torch.zeros(4)
+    with torch.no_grad():
+        first, second = net.condition(z[:2], sigma[:2]), net.condition(z[2:], sigma[2:])
+        other_origin = net.condition(z[:2], sigma[:2], pixel_origin=(8, 0))
+    assert first.pixel_positions is second.pixel_positions  # one table for windows of one size
+    assert other_origin.pixel_positions is not first.pixel_positions
+    assert not torch.equal(other_origin.pixel_positions, first.pixel_positions)
+    fresh = net.pixel_position_features(256, 256, z.device)
+    assert torch.equal(fresh, first.pixel_positions)
+    del first, second, fresh, other_origin  # nothing holds the tables now: they are freed, not cached
+    assert len(net._position_tables) == 0
+
+
 def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_path) -> None:
     import numpy as np
     from PIL import Image

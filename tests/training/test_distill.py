@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from pidserve.model import PiDNet, load_checkpoint
 from pidserve.training.config import DistillTrainConfig, TeacherTrainConfig, load_config
 from pidserve.training.data import CropSpec, LatentNoise, PhotoCrops
-from pidserve.training.distill import Distiller, train_distill
+from pidserve.training.distill import Distiller, _student_init, train_distill
 from pidserve.training.inputs import FrozenEncoder, latent_inputs
+from pidserve.training.loop import fft_magnitude_l1
 from pidserve.training.teacher import build_net_config
 
 from .conftest import read_metrics, teacher_overrides
@@ -108,3 +111,86 @@ def test_optional_regression_term_pulls_the_student_towards_the_real_image(
         loss.backward()
         opt.step()
     assert values[-1] < 0.7 * values[0], values
+
+
+def _student_file(tmp_path, teacher: PiDNet) -> Path:
+    """A distilled student as shipped: the teacher's architecture without the aux RGB head, other weights."""
+    from pidserve.model import save_checkpoint
+
+    torch.manual_seed(1)
+    student = PiDNet(teacher.cfg.replace(aux_rgb_head=False))
+    path = tmp_path / "student.safetensors"
+    save_checkpoint(student, path)
+    return path
+
+
+def test_a_paired_fine_tune_starts_from_student_init_and_never_runs_the_fake_score(
+    tmp_path, photo_dir, tiny_ae_file, tiny_teacher
+):
+    from pidserve.model import save_checkpoint
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    save_checkpoint(tiny_teacher, teacher_file)
+    init = _student_file(tmp_path, tiny_teacher)
+    paired = {
+        "teacher": str(teacher_file),
+        "student_init": str(init),
+        "fake_updates": 0,
+        "dmd_weight": 0.0,
+        "gan_weight": 0.0,
+        "regression_weight": 1.0,
+        "fft_weight": 0.1,
+        "cell_mean_weight": 1.0,
+        "student_mode": "backward_simulation",
+        "rollout_steps": [3],
+    }
+    cfg = _distill_cfg(tmp_path / "run", photo_dir, tiny_ae_file, steps=3, **paired)
+    d = Distiller(tiny_teacher, cfg, torch.device("cpu"), _student_init(str(init), tiny_teacher))
+    start = load_checkpoint(init).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in d.student.state_dict().items() if k in start)
+
+    train_distill(cfg)
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 3 and all(m["k"] == 3 for m in metrics)
+    assert all({"regression", "fft", "cell_mean"} <= m.keys() for m in metrics)
+    assert not any({"dmd", "gan_g", "fake_fm", "d_loss"} & m.keys() for m in metrics)
+
+
+def test_recipes_that_would_train_nothing_or_against_an_untrained_fake_score_are_refused(
+    tmp_path, photo_dir, tiny_ae_file, tiny_teacher
+):
+    from pidserve.model import save_checkpoint
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    save_checkpoint(tiny_teacher, teacher_file)
+    base = {"teacher": str(teacher_file), "steps": 1}
+    with pytest.raises(ValueError, match="fake_updates = 0 leaves the fake score"):
+        train_distill(_distill_cfg(tmp_path / "a", photo_dir, tiny_ae_file, fake_updates=0, **base))
+    with pytest.raises(ValueError, match=r"rollout_steps must list sampler steps in 0\.\.3"):
+        train_distill(_distill_cfg(tmp_path / "b", photo_dir, tiny_ae_file, rollout_steps=[4], **base))
+    cfg = _distill_cfg(tmp_path / "c", photo_dir, tiny_ae_file, dmd_weight=0.0, gan_weight=0.0)
+    d = Distiller(tiny_teacher, cfg, torch.device("cpu"))
+    encoder = FrozenEncoder(tiny_ae_file, tiny_teacher.cfg, torch.device("cpu"))
+    hr, inputs, seeds = _fixed_batch(cfg, tiny_teacher, photo_dir, encoder)
+    with pytest.raises(ValueError, match="every student loss weight is 0"):
+        d.student_loss(hr, inputs, seeds, k=0)
+
+
+def test_student_init_of_another_architecture_is_refused(tmp_path, tiny_teacher):
+    from pidserve.model import save_checkpoint
+
+    other = PiDNet(tiny_teacher.cfg.replace(aux_rgb_head=False, hidden_size=48))
+    path = tmp_path / "other.safetensors"
+    save_checkpoint(other, path)
+    with pytest.raises(ValueError, match="is not the teacher's architecture"):
+        _student_init(str(path), tiny_teacher)
+
+
+def test_fft_magnitude_term_ignores_where_detail_is_but_not_whether_it_is_there():
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 32, 32)
+    shifted = torch.roll(image, shifts=(5, 9), dims=(2, 3))  # same spectrum magnitude, other phase
+    blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1, count_include_pad=False)
+    assert fft_magnitude_l1(image, image).item() == 0.0
+    assert fft_magnitude_l1(shifted, image).item() < 1e-5
+    assert fft_magnitude_l1(blurred, image).item() > 0.01
