@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pidserve.cli import fail
+from pidserve.cli import fail, keep_freed_memory
 from pidserve.cli.options import load_model
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def decode(
     ] = None,
 ) -> None:
     """Decode a latent file (or an image, via tiny-ae) to an image; same backend and --seed, same pixels."""
+    keep_freed_memory()
     output = _output_path(output, latent_file)  # checked before any decoding, so no work is lost to it
     _check_input_name(latent_file)
     if url is not None:

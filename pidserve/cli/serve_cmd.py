@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from pidserve.cli import fail
+from pidserve.cli import fail, keep_freed_memory
 
 
 def serve(
@@ -65,6 +65,7 @@ def serve(
     ] = None,
 ) -> None:
     """Start the decode service (flags override PIDSERVE_* variables; see docs/serving.md)."""
+    keep_freed_memory()
     from pydantic import ValidationError
 
     from pidserve.server import ServerSettings, bind, check_settings, run

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pidserve.cli import fail
+from pidserve.cli import fail, keep_freed_memory
 from pidserve.cli.options import ConfigOpt, SetOpt
 
 data_app = typer.Typer(help="Training data.", no_args_is_help=True)
@@ -45,6 +45,7 @@ def data_photos(
 @train_app.command("autoencoder")
 def train_autoencoder_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train tiny-ae on the low-res versions of photo crops."""
+    keep_freed_memory()
     from pidserve.training import AutoencoderTrainConfig, train_autoencoder
 
     _train(train_autoencoder, AutoencoderTrainConfig, config, set_)
@@ -53,6 +54,7 @@ def train_autoencoder_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None
 @train_app.command("teacher")
 def train_teacher_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train a PiD teacher with flow matching (velocity targets)."""
+    keep_freed_memory()
     from pidserve.training import TeacherTrainConfig, train_teacher
 
     _train(train_teacher, TeacherTrainConfig, config, set_)
@@ -61,6 +63,7 @@ def train_teacher_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @train_app.command("distill")
 def train_distill_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Distill a teacher into a 4-step student with DMD2."""
+    keep_freed_memory()
     from pidserve.training import DistillTrainConfig, train_distill
 
     _train(train_distill, DistillTrainConfig, config, set_)
