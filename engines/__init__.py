@@ -12,6 +12,7 @@ Public API (other folders use exactly these names):
         check_attention_backend
     GPU classes and engine directories: GPU_CLASSES, GpuClass, batch_ladder, get_gpu_class,
         check_precision, EngineManifest, read_manifest, sha256_file, stale_reasons, require_tensorrt
+    process: keep_freed_memory (glibc keeps freed memory: faster CPU decodes; cpu_allocator.py)
 """
 
 from .attention import ATTENTION_BACKENDS, RUNS_ON, SDPA_BACKENDS, attention_context, check_attention_backend
@@ -29,6 +30,7 @@ from .base import (
     StageTimer,
     check_device,
 )
+from .cpu_allocator import keep_freed_memory
 from .factory import BACKENDS, open_engine
 from .gpu_classes import GPU_CLASSES, GpuClass, batch_ladder, check_precision, get_gpu_class
 from .manifest import EngineManifest, read_manifest, sha256_file, stale_reasons
@@ -59,6 +61,7 @@ __all__ = [
     "check_device",
     "check_precision",
     "get_gpu_class",
+    "keep_freed_memory",
     "open_engine",
     "read_manifest",
     "require_tensorrt",

@@ -43,7 +43,7 @@ def main(
 def keep_freed_memory() -> None:
     """For the commands that decode or train on the CPU: keep freed memory in the process
     (engines/cpu_allocator.py; 1.25x faster decodes here). Not for `bench tiles`, which measures memory."""
-    from pidserve.engines.cpu_allocator import keep_freed_memory as apply
+    from pidserve.engines import keep_freed_memory as apply
 
     logging.getLogger("pidserve.engines.cpu_allocator").debug("CPU allocator tuning: %s", apply())
 
