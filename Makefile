@@ -36,7 +36,7 @@ $(STAMP): $(SERVE_STAMP)
 
 test: $(STAMP) imports
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q  # not python -m pytest: that puts the repo root first on sys.path
 
 # import-linter's contracts (pyproject.toml [tool.importlinter]). grimp finds subpackages only
 # below their parent's folder, so it checks a copy laid out as the installed package is.
