@@ -94,6 +94,7 @@ def evaluate_decoders(
         )
         plan = setup.tile.plan((setup.crop, setup.crop), student.cfg.native_size, student.cfg.output_scale)
         seams = None if plan is None else window_borders(plan)
+    grid = student.cfg.output_scale  # output pixels per latent cell: the lattice windows start on
     if teacher is not None:
         decoders["teacher"] = lambda z, low, g: sample_teacher(
             teacher, z, 0.0, steps=setup.teacher_steps, shift=shift, generator=g
@@ -109,7 +110,7 @@ def evaluate_decoders(
     results = {}
     for name, parts in outputs.items():
         pred = torch.cat(parts)
-        results[name] = quality.evaluate(to01(pred), to01(hr), to01(lr), scale, seams)
+        results[name] = quality.evaluate(to01(pred), to01(hr), to01(lr), scale, seams, grid)
     samples = {name: torch.cat(parts) for name, parts in outputs.items()}
     return {
         "crops": len(hr),
@@ -119,6 +120,9 @@ def evaluate_decoders(
         "ground_truth_blockiness": quality.blockiness(to01(hr)).mean().item(),
         # the real photos' own score at the tiled decode's window borders (what "no seam" measures)
         "ground_truth_seam": None if seams is None else quality.seam_score(to01(hr), *seams).mean().item(),
+        "ground_truth_seam_over_grid": None
+        if seams is None
+        else quality.seam_over_grid(to01(hr), *seams, grid).mean().item(),
         "samples": samples,
         "hr": hr,
         "lr": lr,
@@ -182,15 +186,16 @@ def x0_table(errors: dict[str, dict[float, float]]) -> str:
 def markdown_table(metrics: dict[str, dict[str, float]]) -> str:
     lines = [
         "| decoder | PSNR (dB) ↑ | SSIM ↑ | colour error ΔE00 vs low-res ↓ | high-freq spectral distance ↓ "
-        "| blockiness (~1) | colour shift, levels (mean / max) ↓ | seams (~1) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| blockiness (~1) | colour shift, levels (mean / max) ↓ | seams (~1) | seams over cell lines (~1) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics.items():
         seam = f"{m['seam']:.3f}" if "seam" in m else "-"
+        over_grid = f"{m['seam_over_grid']:.3f}" if "seam_over_grid" in m else "-"
         lines.append(
             f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['colour_error']:.3f} | "
             f"{m['spectral_distance']:.3f} | {m['blockiness']:.3f} | "
-            f"{m['colour_shift']:.2f} / {m['colour_shift_max']:.2f} | {seam} |"
+            f"{m['colour_shift']:.2f} / {m['colour_shift_max']:.2f} | {seam} | {over_grid} |"
         )
     return "\n".join(lines)
 
@@ -216,7 +221,15 @@ def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
     from pidserve.training import save_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ("crops", "crop", "scale", "metrics", "ground_truth_blockiness", "ground_truth_seam")
+    keys = (
+        "crops",
+        "crop",
+        "scale",
+        "metrics",
+        "ground_truth_blockiness",
+        "ground_truth_seam",
+        "ground_truth_seam_over_grid",
+    )
     excess = tiling_seam_excess(result["metrics"])
     payload = {k: result.get(k) for k in keys} | {"tiling_seam_excess": excess}
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -224,6 +237,8 @@ def write_report(result: dict, out_dir: Path, grid_columns: int = 6) -> Path:
     table += f"\n\nground-truth blockiness: {result['ground_truth_blockiness']:.3f}\n"
     if result.get("ground_truth_seam") is not None:
         table += f"ground-truth seam score at the window borders: {result['ground_truth_seam']:.3f}\n"
+        over_grid = result["ground_truth_seam_over_grid"]
+        table += f"ground-truth seams over the other latent-cell lines: {over_grid:.3f}\n"
     if excess is not None:
         table += f"tiled over untiled seam score at the same borders (what tiling adds): {excess:.3f}\n"
     (out_dir / "table.md").write_text(table)

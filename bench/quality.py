@@ -1,6 +1,6 @@
 """Image-quality metrics for comparing a decoded image to its ground truth, in plain torch.
 
-Four figures, each answering one question about a super-resolution decode:
+Each figure answers one question about a super-resolution decode:
 
 | figure | question | better |
 |---|---|---|
@@ -10,6 +10,7 @@ Four figures, each answering one question about a super-resolution decode:
 | `spectral_distance` | is the fine detail as strong as in the truth, or blurred away? | lower, 0 = same |
 | `blockiness` | does a block grid show (steps across 8/16-px lines vs elsewhere)? | ~1 = no grid |
 | `colour_shift` | does the whole image drift in colour (mean RGB vs the input, in levels)? | lower |
+| `seam_score`, `seam_over_grid` | do window borders show (vs elsewhere / vs other cell lines)? | ~1 |
 
 Images are float tensors [B, 3, H, W], RGB, sRGB-encoded, nominally in [0, 1]; values a little
 outside are accepted (decoders overshoot) and used as they are. Every function computes in float64
@@ -351,18 +352,14 @@ def blockiness(img: torch.Tensor, periods: tuple[int, ...] = BLOCK_PERIODS) -> t
     measure a little above 1: JPEG's own 8x8 blocks), above 1 where edges line up with the grid.
     """
     _check_images(img=img)
-    y = _luma(img.double())[:, 0]  # [B, H, W]
-    # Steps along rows and along columns, both as [B, lines, steps]; step j lies between pixels
-    # j and j + 1, on the grid when j + 1 is a multiple of the period.
-    steps = [(y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:, :] - y[:, :-1, :]).abs().transpose(1, 2)]
+    steps = _luma_steps(img)
     ratios = []
     for period in periods:
-        on = [(torch.arange(s.shape[2], device=y.device) + 1) % period == 0 for s in steps]
+        # step j lies between pixels j and j + 1: on the grid when j + 1 is a multiple of the period
+        on = [(torch.arange(s.shape[2], device=s.device) + 1) % period == 0 for s in steps]
         if not any(mask.any() for mask in on):
             raise ValueError(f"images of {tuple(img.shape[2:])} px have no {period}-px grid lines")
-        on_mean = torch.cat([s[:, :, m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
-        off_mean = torch.cat([s[:, :, ~m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
-        ratios.append(on_mean / off_mean.clamp_min(1e-12))
+        ratios.append(_mean_on(steps, on) / _mean_on(steps, [~m for m in on]).clamp_min(1e-12))
     return torch.stack(ratios).amax(dim=0)
 
 
@@ -376,16 +373,54 @@ def seam_score(img: torch.Tensor, rows: Sequence[int], cols: Sequence[int]) -> t
     _check_images(img=img)
     if not rows and not cols:
         raise ValueError("seam_score needs at least one window border")
+    steps = _luma_steps(img)
+    on = _line_masks(steps, rows, cols)
+    return _mean_on(steps, on) / _mean_on(steps, [~m for m in on]).clamp_min(1e-12)
+
+
+def seam_over_grid(img: torch.Tensor, rows: Sequence[int], cols: Sequence[int], grid: int) -> torch.Tensor:
+    """How much window borders show beyond the decoder's own grid, per image: mean |luma step| across
+    the window borders over the mean across the other lines of the `grid`-px lattice they lie on.
+
+    Tiled windows start on the latent grid, so every border is also a latent-cell (and patch) line;
+    a decoder whose cells show raises `seam_score` at every border whether or not it was tiled. Here
+    both sides of the ratio are cell lines, so about 1 means a border shows no more than any other
+    cell line: what the tiling alone adds. img, rows, cols as in `seam_score`; returns [B].
+    """
+    _check_images(img=img)
+    height, width = img.shape[-2:]
+    if not rows and not cols:
+        raise ValueError("seam_over_grid needs at least one window border")
+    if any(p % grid for p in (*rows, *cols)):
+        raise ValueError(f"window borders {list(rows)}, {list(cols)} are not all on the {grid}-px grid")
+    other_rows = [p for p in range(grid, height, grid) if p not in set(rows)]
+    other_cols = [p for p in range(grid, width, grid) if p not in set(cols)]
+    if not other_rows and not other_cols:
+        raise ValueError(f"every {grid}-px line of {height}x{width} is a window border: nothing to compare")
+    steps = _luma_steps(img)
+    borders = _mean_on(steps, _line_masks(steps, rows, cols))
+    return borders / _mean_on(steps, _line_masks(steps, other_rows, other_cols)).clamp_min(1e-12)
+
+
+def _luma_steps(img: torch.Tensor) -> list[torch.Tensor]:
+    """|luma step| along rows and along columns, both [B, lines, steps] (step j: pixels j, j + 1)."""
     y = _luma(img.double())[:, 0]
-    steps = [(y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:, :] - y[:, :-1, :]).abs().transpose(1, 2)]
-    on = []
+    return [(y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:, :] - y[:, :-1, :]).abs().transpose(1, 2)]
+
+
+def _line_masks(steps: list[torch.Tensor], rows: Sequence[int], cols: Sequence[int]) -> list[torch.Tensor]:
+    """Per step tensor, which steps cross one of the lines (p: the step between pixels p - 1 and p)."""
+    masks = []
     for s, lines in zip(steps, (cols, rows), strict=True):
-        mask = torch.zeros(s.shape[2], dtype=torch.bool, device=y.device)
+        mask = torch.zeros(s.shape[2], dtype=torch.bool, device=s.device)
         mask[[p - 1 for p in lines]] = True
-        on.append(mask)
-    on_mean = torch.cat([s[:, :, m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
-    off_mean = torch.cat([s[:, :, ~m].flatten(1) for s, m in zip(steps, on, strict=True)], 1).mean(1)
-    return on_mean / off_mean.clamp_min(1e-12)
+        masks.append(mask)
+    return masks
+
+
+def _mean_on(steps: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """[B]: the mean of the masked steps of both axes together."""
+    return torch.cat([s[:, :, m].flatten(1) for s, m in zip(steps, masks, strict=True)], 1).mean(1)
 
 
 def colour_shift(pred: torch.Tensor, low_res_reference: torch.Tensor) -> torch.Tensor:
@@ -409,9 +444,11 @@ def evaluate(
     low_res: torch.Tensor,
     scale: int,
     seams: tuple[Sequence[int], Sequence[int]] | None = None,
+    grid: int | None = None,
 ) -> dict[str, float]:
     """All figures, each averaged over the batch (colour_shift_max: the worst image's cast); with
-    `seams` (window-border rows, cols of a tiled decode) also "seam" (seam_score).
+    `seams` (window-border rows, cols of a tiled decode) also "seam" (seam_score), and with the
+    latent `grid` (output pixels per cell) too "seam_over_grid".
 
     pred, target: [B, 3, H, W] in [0, 1]; low_res: [B, 3, H/scale, W/scale] in [0, 1], the decoder's
     input image; scale: the SR factor. Returns {"psnr": dB, "ssim": ..., "colour_error": dE00,
@@ -429,4 +466,9 @@ def evaluate(
             "colour_shift": shift.mean().item(),
             "colour_shift_max": shift.max().item(),
             **({} if seams is None else {"seam": seam_score(pred, *seams).mean().item()}),
+            **(
+                {}
+                if seams is None or grid is None
+                else {"seam_over_grid": seam_over_grid(pred, *seams, grid).mean().item()}
+            ),
         }

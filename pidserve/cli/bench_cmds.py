@@ -498,6 +498,8 @@ def bench_quality(
     typer.echo(f"ground-truth blockiness {result['ground_truth_blockiness']:.3f}")
     if result["ground_truth_seam"] is not None:
         typer.echo(f"ground-truth seam score at the window borders {result['ground_truth_seam']:.3f}")
+        over_grid = result["ground_truth_seam_over_grid"]
+        typer.echo(f"ground-truth seams over the other latent-cell lines {over_grid:.3f}")
     typer.echo(f"{result['crops']} crops; wrote {out / 'metrics.json'}, {out / 'table.md'}, {grid}")
 
 

@@ -19,6 +19,7 @@ from pidserve.bench.quality import (
     evaluate,
     psnr,
     radial_log_spectrum,
+    seam_over_grid,
     seam_score,
     spectral_distance,
     spectrum_frequencies,
@@ -164,6 +165,32 @@ def test_seam_score_finds_a_step_at_the_window_borders_only() -> None:
     assert (seam_score(seamed, between, between) < 1.0).all()
     with pytest.raises(ValueError, match="at least one window border"):
         seam_score(img, [], [])
+
+
+def test_seam_over_grid_separates_window_borders_from_a_decoders_own_cell_grid() -> None:
+    noise = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    img = 0.2 + 0.6 * gaussian_blur(noise, 1.5)
+    # windows of 32 px on a 16-px latent grid: borders 32, 64, 96; the other cell lines 16, 48, ...
+    borders = [32, 64, 96]
+
+    def checkerboard(period: int) -> torch.Tensor:  # +-0.1 per block: the same step at every line
+        index = torch.arange(128) // period
+        return 0.1 * (((index[:, None] + index[None, :]) % 2) * 2 - 1).float()
+
+    # a decoder whose every 16-px cell is offset: the borders show, but no more than other cell lines
+    celled = img + checkerboard(16)
+    assert (seam_score(celled, borders, borders) > 1.5).all()
+    assert (seam_over_grid(celled, borders, borders, 16) - 1).abs().max() < 0.1
+    # offsets per 32-px window only: the borders show more than the cell lines inside the windows
+    seamed = img + checkerboard(32)
+    assert (seam_over_grid(seamed, borders, borders, 16) > 1.5).all()
+    assert (seam_over_grid(img, borders, borders, 16) - 1).abs().max() < 0.15  # no seam, no grid
+    with pytest.raises(ValueError, match="not all on the 16-px grid"):
+        seam_over_grid(img, [24], [], 16)
+    with pytest.raises(ValueError, match="nothing to compare"):
+        seam_over_grid(img[:, :, :32, :32], [16], [16], 16)
+    with pytest.raises(ValueError, match="at least one window border"):
+        seam_over_grid(img, [], [], 16)
 
 
 def test_colour_shift_is_the_largest_mean_channel_difference_in_levels() -> None:

@@ -192,6 +192,17 @@ def test_the_default_meets_issue_16s_goal_on_held_out_crops(holdout_figures) -> 
     assert student["colour_shift"] <= 3
 
 
+def test_bench_quality_scores_the_window_borders_of_a_tiled_decode(tmp_path):
+    result, out = _bench_quality(tmp_path, 4, "--tile", "128x128:32")  # 256² in 3 x 3 windows
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "metrics.json").read_text())
+    for figures in report["metrics"].values():  # every decoder, at the tiled decode's borders
+        assert set(figures) == {*FIGURES, "seam", "seam_over_grid"}
+    # noise has no preferred lines: its steps at the borders are like those at any other cell line
+    assert report["ground_truth_seam_over_grid"] == pytest.approx(1.0, abs=0.15)
+    assert "seams over the other latent-cell lines" in (out / "table.md").read_text()
+
+
 def test_bench_quality_adds_a_tiled_student_row_equal_to_the_untiled_one_at_the_native_size(tmp_path):
     result, out = _bench_quality(tmp_path, 3, "--tile", "256x256")
     assert result.exit_code == 0, result.output
