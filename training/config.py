@@ -79,6 +79,11 @@ class TeacherTrainConfig(CommonConfig):
     # Pixel position table origin drawn per step in [0, position_jitter) px on each axis (0: the
     # official fixed origin). Makes positions beyond the training crops look familiar.
     position_jitter: int = 0
+    # Latent context (1: off): crops come from regions latent_context times their side, and a
+    # fraction latent_context_prob of the samples read their crop's latent cut from the region's
+    # encoding, as a tiled decode's windows do (training/inputs.py). Needs short_side >= crop x k.
+    latent_context: int = 1
+    latent_context_prob: float = 0.5
     noise_prob: float = 0.75  # official latent noise augmentation
     noise_max_sigma: float = 0.8
     latent_dropout: float = 0.1
@@ -121,6 +126,8 @@ class DistillTrainConfig(CommonConfig):
     # (32 x 32 for pid-tiny): the low-frequency colour the latent carries, i.e. the colour cast.
     cell_mean_weight: float = 0.0
     position_jitter: int = 0  # as in the teacher config: pixel position table origin per step
+    latent_context: int = 1  # as in the teacher config: latents cut from a larger region's encoding
+    latent_context_prob: float = 0.5
     dmd_t_min: float = 0.02  # diffusion times at which the score difference is measured
     dmd_t_max: float = 0.98
     gan_block: int = 0  # number of teacher patch blocks whose output feeds the GAN head (0: half of them)

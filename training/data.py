@@ -8,6 +8,11 @@ global batch (see `StepSampler`).
     photo (cached, decoded once) -> random crop size x size -> random h-flip   = hr [3, S, S] in [-1, 1]
     hr -> antialiased bicubic downsample by `scale`                            = lr [3, S/s, S/s] in [-1, 1]
 
+With a latent context k > 1 (CropSpec.context) the crop is cut from a random region k times its
+side, at a whole number of latent cells from the region's corner, and the region's own low-res
+image comes with it (lr_context, context_cell): the trainer can then encode the region and cut the
+crop's latent out of it, as a tiled decode cuts a window's latent out of a whole image's latent.
+
 The latent-space encoding of lr and the latent noise augmentation run in the trainer
 (they need the encoder network); their random draws come from the sample's `seed`.
 """
@@ -42,13 +47,23 @@ class CropSpec:
     # size); empty means always `size`. `step_samples` (the global batch) maps a sample to its step.
     cycle: tuple[int, ...] = ()
     step_samples: int = 1
+    # Latent context (1: off): crops come from regions `context` times their side, placed on the
+    # `cell`-pixel latent grid of the region (cell = high-res pixels per latent cell).
+    context: int = 1
+    cell: int = 1
 
     def __post_init__(self) -> None:
+        if self.context < 1:
+            raise ValueError(f"latent context {self.context} must be at least 1 (1: the crop alone)")
         for size in (self.size, *self.cycle):
             if size % self.scale:
                 raise ValueError(f"crop size {size} is not a multiple of the scale factor {self.scale}")
-            if self.short_side is not None and self.short_side < size:
-                raise ValueError(f"short_side {self.short_side} is smaller than the crop size {size}")
+            if self.context > 1 and size % self.cell:
+                raise ValueError(f"crop size {size} is not a whole number of {self.cell}-px latent cells")
+            region = size * self.context
+            if self.short_side is not None and self.short_side < region:
+                what = "crop size" if self.context == 1 else f"context region ({self.context} x {size})"
+                raise ValueError(f"short_side {self.short_side} is smaller than the {what} {region}")
 
     def size_at(self, index: int) -> int:
         """Crop side of sample `index`."""
@@ -57,8 +72,12 @@ class CropSpec:
         return self.cycle[(index // self.step_samples) % len(self.cycle)]
 
 
-def crop_spec(cfg, scale: int, step_samples: int) -> CropSpec:
-    """The CropSpec of a training config (crop, crop_cycle, short_side, caption_dropout keys)."""
+def crop_spec(cfg, scale: int, step_samples: int, cell: int = 1) -> CropSpec:
+    """The CropSpec of a training config (crop, crop_cycle, short_side, caption_dropout and
+    latent_context keys); `cell`: high-res pixels per latent cell (the network's output_scale)."""
+    prob = getattr(cfg, "latent_context_prob", 0.0)  # used by the trainer; checked here, before step 1
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"latent_context_prob {prob} must be in [0, 1]")
     return CropSpec(
         cfg.crop,
         scale,
@@ -67,6 +86,8 @@ def crop_spec(cfg, scale: int, step_samples: int) -> CropSpec:
         caption_dropout=getattr(cfg, "caption_dropout", 0.0),
         cycle=tuple(cfg.crop_cycle),
         step_samples=step_samples,
+        context=getattr(cfg, "latent_context", 1),
+        cell=cell,
     )
 
 
@@ -146,14 +167,16 @@ class PhotoCrops(Dataset):
 
     Photos are decoded once at construction and kept in memory as uint8 (DataLoader workers
     share them copy-on-write), so workers only crop, flip and downsample.
-    Item: {"hr": float32 [3,S,S] in [-1,1], "lr": float32 [3,S/s,S/s], "seed": int64, "caption": str}.
+    Item: {"hr": float32 [3,S,S] in [-1,1], "lr": float32 [3,S/s,S/s], "seed": int64, "caption": str};
+    with a latent context k > 1 also "lr_context" float32 [3,kS/s,kS/s] (the region's low-res image)
+    and "context_cell" int64 [2] (the crop's row and column in the region, in latent cells).
     A photo's caption is the text of a sidecar file with the same stem and suffix .txt (else "").
     """
 
     def __init__(self, folder: str | Path, spec: CropSpec, seed: int = 0) -> None:
         self.spec, self.seed = spec, seed
         self.files = list_images(folder)
-        min_side = max((spec.size, *spec.cycle))
+        min_side = max((spec.size, *spec.cycle)) * spec.context
         self.photos = [load_photo(p, spec.short_side, min_side, spec.upscale) for p in self.files]
         self.captions = [_caption(p) for p in self.files]
         # Pick photos in proportion to their area: every region of the data is equally likely.
@@ -170,16 +193,27 @@ class PhotoCrops(Dataset):
         photo_idx = int(torch.multinomial(self.weights, 1, generator=gen))
         photo = self.photos[photo_idx]
         size = self.spec.size_at(int(index))
-        top = int(torch.randint(0, photo.shape[1] - size + 1, (1,), generator=gen))
-        left = int(torch.randint(0, photo.shape[2] - size + 1, (1,), generator=gen))
-        crop = photo[:, top : top + size, left : left + size].float().div(127.5).sub(1.0)
+        region = size * self.spec.context
+        top = int(torch.randint(0, photo.shape[1] - region + 1, (1,), generator=gen))
+        left = int(torch.randint(0, photo.shape[2] - region + 1, (1,), generator=gen))
+        crop = photo[:, top : top + region, left : left + region].float().div(127.5).sub(1.0)
         if self.spec.flip and bool(torch.rand((), generator=gen) < 0.5):
             crop = crop.flip(-1)
+        context = {}
+        if self.spec.context > 1:
+            # the crop's place in the region, in whole latent cells
+            cells = (region - size) // self.spec.cell + 1
+            cell = torch.randint(0, cells, (2,), generator=gen)
+            context["lr_context"] = degrade(crop[None], self.spec.scale)[0]
+            context["context_cell"] = cell
+            row, col = (cell * self.spec.cell).tolist()
+            crop = crop[:, row : row + size, col : col + size]
         caption = self.captions[photo_idx]
         if bool(torch.rand((), generator=gen) < self.spec.caption_dropout):
             caption = ""
         lr = degrade(crop[None], self.spec.scale)[0]
-        return {"hr": crop, "lr": lr, "seed": torch.tensor(seed, dtype=torch.int64), "caption": caption}
+        seed_tensor = torch.tensor(seed, dtype=torch.int64)
+        return {"hr": crop, "lr": lr, "seed": seed_tensor, "caption": caption, **context}
 
 
 def _caption(path: Path) -> str:

@@ -59,7 +59,7 @@ from .data import (
 )
 from .distributed import DistInfo, all_mean, average_gradients, clip_gradients, init_distributed, shutdown
 from .ema import EMA
-from .inputs import FrozenEncoder, LatentInputs, latent_inputs, pixel_origin
+from .inputs import FrozenEncoder, LatentContext, LatentInputs, latent_inputs, pixel_origin
 from .loop import Progress, check_finite, fft_magnitude_l1, save_grid, scheduled_lr, set_lr
 from .state import latest_checkpoint, load_training_state, save_training_state
 from .teacher import autocast_for
@@ -244,7 +244,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
         log.info("resumed from %s (step %d)", ckpt, step)
 
     per_step = cfg.fake_updates + 1  # data iterations per student step
-    spec = crop_spec(cfg, net_cfg.sr_scale, step_samples=cfg.batch * per_step)
+    spec = crop_spec(cfg, net_cfg.sr_scale, step_samples=cfg.batch * per_step, cell=net_cfg.output_scale)
     dataset = PhotoCrops(cfg.data, spec, cfg.seed)
     batches = make_loader(dataset, cfg.batch, step * per_step, info.rank, info.world_size, cfg.workers)
     noise = LatentNoise(cfg.noise_prob, cfg.noise_max_sigma, cfg.latent_dropout)
@@ -256,7 +256,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
         metrics: dict[str, float] = {"k": float(k)}
         with autocast_for(cfg.precision, info.device):
             for _ in range(cfg.fake_updates):
-                hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
+                hr, inputs, seeds = _batch(next(batches), encoder, noise, info, cfg.latent_context_prob)
                 loss_f, m = d.fake_loss(hr, inputs, seeds, k)
                 check_finite(loss_f, step)
                 set_lr(opt_f, scheduled_lr(step, cfg.fake_lr, cfg))
@@ -266,7 +266,7 @@ def train_distill(cfg: DistillTrainConfig) -> Path:
                 clip_gradients(fake_params, cfg.grad_clip)
                 opt_f.step()
                 metrics |= m
-            hr, inputs, seeds = _batch(next(batches), encoder, noise, info)
+            hr, inputs, seeds = _batch(next(batches), encoder, noise, info, cfg.latent_context_prob)
             loss_g, m = d.student_loss(hr, inputs, seeds, k)
         check_finite(loss_g, step)
         set_lr(opt_g, scheduled_lr(step, cfg.lr, cfg))
@@ -340,9 +340,12 @@ def _student_init(path: str, teacher: PiDNet) -> PiDNet | None:
     return student
 
 
-def _batch(batch: dict, encoder: FrozenEncoder, noise: LatentNoise, info: DistInfo) -> tuple:
+def _batch(
+    batch: dict, encoder: FrozenEncoder, noise: LatentNoise, info: DistInfo, context_prob: float
+) -> tuple:
     hr, lr, seeds = batch["hr"].to(info.device), batch["lr"].to(info.device), batch["seed"]
-    return hr, latent_inputs(encoder, lr, seeds, noise), seeds
+    context = LatentContext.of_batch(batch, context_prob, info.device)
+    return hr, latent_inputs(encoder, lr, seeds, noise, context), seeds
 
 
 def _t(t: float, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,12 @@
     z --noise augmentation (sigma per sample, the space's noising form)--> z_sigma, sigma [B]
     latent dropout: z_sigma is zeroed for the dropped samples (official LQ dropout)
 
+Latent context (latent_context > 1 in a recipe): a fraction of the samples take their latent cut
+out of the encoding of a larger region around the crop instead of the crop's own encoding. An
+encoder that normalises over its whole input (tiny-ae's GroupNorm, like most VAEs') makes the two
+differ everywhere, and a tiled decode only ever sees the first kind: training on both keeps its
+windows in distribution (docs/quality.md, "Where the tiled cast comes from").
+
 All random draws come from the samples' seeds (training/data.py), never from a global RNG.
 """
 
@@ -24,6 +30,8 @@ from pidserve.model import (
 )
 
 from .data import LatentNoise, per_sample_uniform
+
+SALT_CONTEXT = 0x91  # which samples take a context latent
 
 
 class FrozenEncoder:
@@ -62,10 +70,47 @@ class LatentInputs:
     sigma: torch.Tensor  # [B] its noise level
 
 
-def latent_inputs(
-    encoder: FrozenEncoder, lr: torch.Tensor, seeds: torch.Tensor, noise: LatentNoise
-) -> LatentInputs:
+@dataclass
+class LatentContext:
+    """The regions around a batch's crops (PhotoCrops with a latent context) and how often to use them."""
+
+    lr: torch.Tensor  # [B, 3, k*H, k*W] each crop's region, low-res
+    cell: torch.Tensor  # [B, 2] int: the crop's (row, column) in its region, in latent cells
+    prob: float  # fraction of the samples whose latent is cut from their region's encoding
+
+    @classmethod
+    def of_batch(cls, batch: dict, prob: float, device: torch.device) -> LatentContext | None:
+        """The batch's context, or None when it has none (latent_context = 1) or prob is 0."""
+        if "lr_context" not in batch or prob <= 0:
+            return None
+        return cls(batch["lr_context"].to(device), batch["context_cell"], prob)
+
+
+def context_latents(
+    encoder: FrozenEncoder, lr: torch.Tensor, seeds: torch.Tensor, context: LatentContext
+) -> torch.Tensor:
+    """[B, C, h, w]: each sample's own encoding, or (with probability context.prob, drawn from its
+    seed) its crop's cells cut from the encoding of its whole region."""
     z = encoder(lr)
+    use = (per_sample_uniform(seeds, SALT_CONTEXT) < context.prob).nonzero().flatten().tolist()
+    if not use:
+        return z
+    regions = encoder(context.lr[use])
+    height, width = z.shape[-2:]
+    for region, i in zip(regions, use, strict=True):
+        row, col = context.cell[i].tolist()
+        z[i] = region[:, row : row + height, col : col + width]
+    return z
+
+
+def latent_inputs(
+    encoder: FrozenEncoder,
+    lr: torch.Tensor,
+    seeds: torch.Tensor,
+    noise: LatentNoise,
+    context: LatentContext | None = None,
+) -> LatentInputs:
+    z = encoder(lr) if context is None else context_latents(encoder, lr, seeds, context)
     draws = noise.draw(seeds, tuple(z.shape[1:]))
     sigma = draws["sigma"].to(z.device)
     noisy = encoder.space.add_noise(z, sigma, draws["eps"].to(z.device))

@@ -43,7 +43,14 @@ from .distributed import (
     wrap_model,
 )
 from .ema import EMA
-from .inputs import FrozenEncoder, latent_inputs, logit_normal_times, mixed_times, pixel_origin
+from .inputs import (
+    FrozenEncoder,
+    LatentContext,
+    latent_inputs,
+    logit_normal_times,
+    mixed_times,
+    pixel_origin,
+)
 from .loop import Progress, check_finite, save_grid, scheduled_lr, set_lr
 from .state import latest_checkpoint, load_training_state, save_training_state
 
@@ -123,7 +130,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         step = load_training_state(ckpt, {"net": net}, {"net": (net, opt)}, {"net": ema})["step"]
         log.info("resumed from %s (step %d)", ckpt, step)
 
-    spec = crop_spec(cfg, net_cfg.sr_scale, step_samples=cfg.batch)
+    spec = crop_spec(cfg, net_cfg.sr_scale, step_samples=cfg.batch, cell=net_cfg.output_scale)
     dataset = PhotoCrops(cfg.data, spec, cfg.seed)
     batches = make_loader(dataset, cfg.batch, step, info.rank, info.world_size, cfg.workers)
     noise = LatentNoise(cfg.noise_prob, cfg.noise_max_sigma, cfg.latent_dropout)
@@ -175,7 +182,8 @@ def teacher_step(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The flow-matching loss of one local batch (mean over its samples)."""
     hr, lr, seeds = batch["hr"].to(info.device), batch["lr"].to(info.device), batch["seed"]
-    inputs = latent_inputs(encoder, lr, seeds, noise)
+    context = LatentContext.of_batch(batch, cfg.latent_context_prob, info.device)
+    inputs = latent_inputs(encoder, lr, seeds, noise, context)
     shift = resolution_shift(tuple(hr.shape[-2:]), cfg.shift, cfg.shift_base_size)
     t = logit_normal_times(seeds, cfg.logit_mean, cfg.logit_std, shift, SALT_TIME)
     t = mixed_times(seeds, t, cfg.t_uniform, cfg.t_high, cfg.t_high_min, SALT_MIX).to(info.device)
