@@ -6,7 +6,8 @@ every sampler step (MultiDiffusion-style), so cost grows with the area and memor
     TilePlan       the windows of one output size: origins (stride tile - overlap, the last window of
                    each axis shifted inward to end at the border, never padded with made-up content,
                    every origin on the latent grid so a window is a whole latent crop) and the
-                   normalised blend weights (1 inside, ramping down across the overlap, never 0)
+                   normalised blend weights (1 inside, ramping down across the overlap, never 0;
+                   one ramp and one image-sized normaliser, not a map per window)
     tiled_velocity the one tiled code path of every backend: wraps a backend's network-on-window-rows
                    into a velocity over the whole image, for the shared student sampler
     sample_tiled   the eager PiDNet rollout through tiled_velocity (tests, bench quality)
@@ -190,14 +191,21 @@ class TilePlan:
             for rows in chunk_ranges(self, latent.shape[0], row_batch)
         ]
 
-    def weights(self, device: torch.device) -> list[torch.Tensor]:
-        """Per window, its blend weight over the sum at each pixel [1, 1, th, tw] float64 (sum = 1)."""
+    def normaliser(self, device: torch.device) -> torch.Tensor:
+        """[1, 1, H, W] float64: 1 / the sum of every window's blend weight at each pixel. Window i's
+        normalised weight is blend_weights * crop(normaliser, i), computed when needed: one
+        image-sized map instead of one window-sized map per window (1.9x the image at 2048²)."""
         weight = blend_weights(self.tile, self.overlap, device)
         total = torch.zeros(1, 1, *self.output, dtype=torch.float64, device=device)
         for window in range(self.count):
             self.crop(total, window).add_(weight)
-        # With a single window this is w / w: exactly 1, so tiled equals untiled bit for bit.
-        return [weight / self.crop(total, window) for window in range(self.count)]
+        return total.reciprocal_()
+
+    def weights(self, device: torch.device) -> list[torch.Tensor]:
+        """Per window, its normalised blend weight [1, 1, th, tw] float64 (they sum to 1 at each pixel).
+        With a single window it is exactly 1 (1 * 1 / 1), so tiled equals untiled bit for bit."""
+        ramp, normaliser = blend_weights(self.tile, self.overlap, device), self.normaliser(device)
+        return [ramp * self.crop(normaliser, window) for window in range(self.count)]
 
 
 # velocity_rows(chunk, x_rows, t_rows) -> v_rows: the network on rows [chunk * row_batch, ...)
@@ -223,16 +231,26 @@ def tiled_velocity(
     """A velocity over whole images [B, 3, H, W] built from a backend's network on window rows.
 
     Each call crops every window of x, runs the chunks through `velocity_rows`, and blends the window
-    velocities with the normalised weights (in float64). `steps` only sizes the progress total."""
+    velocities with the normalised weights (summed in float64, applied and accumulated in float32:
+    at most four windows overlap a pixel, and the sampler reads the velocity in float32 anyway).
+    `steps` only sizes the progress total. Image-sized state: the float32 blend and one float32
+    normaliser map, whatever the number of windows."""
     chunks = chunk_ranges(plan, batch, row_batch)
-    weights: list[torch.Tensor] = []
+    blend: dict[str, torch.Tensor] = {}
     done = 0
+
+    def weight(window: int) -> torch.Tensor:
+        """Window `window`'s normalised weight [1, 1, th, tw], written into one reused buffer (no
+        allocation per window and step: small temporaries fragment the CPU heap)."""
+        return torch.mul(blend["ramp"], plan.crop(blend["normaliser"], window), out=blend["scratch"])
 
     def velocity(x: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
         nonlocal done
-        if not weights:
-            weights.extend(plan.weights(x.device))
-        blended = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        if not blend:
+            blend["ramp"] = blend_weights(plan.tile, plan.overlap, x.device).float()
+            blend["normaliser"] = plan.normaliser(x.device).float()
+            blend["scratch"] = torch.empty_like(blend["ramp"])
+        blended = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for index, rows in enumerate(chunks):
             # row r is window r // B, sample r % B
             x_rows = torch.cat([plan.crop(x[r % batch : r % batch + 1], r // batch) for r in rows])
@@ -241,11 +259,11 @@ def tiled_velocity(
             for j, r in enumerate(rows):
                 window, sample = divmod(r, batch)
                 target = plan.crop(blended[sample : sample + 1], window)
-                target.add_(weights[window] * v_rows[j : j + 1].double())
+                target.addcmul_(weight(window), v_rows[j : j + 1].float())
             done += 1
             if progress is not None:
                 progress(done, len(chunks) * steps)
-        return blended.float()
+        return blended
 
     return velocity
 
