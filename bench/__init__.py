@@ -18,6 +18,7 @@ exported under its command's name (engine_table, ...):
     codecs     time_codecs, time_server_pool, codecs_table, codec_dicts
     quality    QualitySetup, evaluate_decoders, quality_table, write_quality_report, x0_error_by_t,
                x0_table
+    window_latents  window_latent_cast, window_latent_table (is a tiled cast the blend's or the latents'?)
     reports    command_line, write_report, PlotsUnavailable
 """
 
@@ -48,6 +49,7 @@ from .report import command_line, write_report
 from .soak import SoakPlan, SoakReport, run_soak_bench
 from .tiles import TileTiming, bench_tiles, write_tiles_report
 from .tiles import markdown_table as tiles_table
+from .window_latents import window_latent_cast, window_latent_table
 
 __all__ = [
     "CascadeSetup",
@@ -84,6 +86,8 @@ __all__ = [
     "time_codecs",
     "time_engine",
     "time_server_pool",
+    "window_latent_cast",
+    "window_latent_table",
     "write_cascade_report",
     "write_engine_report",
     "write_kernels_report",

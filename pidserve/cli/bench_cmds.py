@@ -552,6 +552,48 @@ def bench_x0_error(
         typer.echo(f"wrote {out / 'x0_error.json'}")
 
 
+@bench_app.command("window-latents")
+def bench_window_latents(
+    photos: Annotated[Path, typer.Option(help="Held-out photo folder.")] = Path("data/photos/holdout"),
+    student: Annotated[
+        str, typer.Option(help="Student checkpoint ('default': the embedded pid-tiny).")
+    ] = "default",
+    autoencoder: Annotated[
+        Path | None, typer.Option(help="tiny-ae file whose latents the student reads (default: embedded).")
+    ] = None,
+    crop: Annotated[int, typer.Option(help="Output side in pixels (a multiple of the window).")] = 1024,
+    crops_per_photo: Annotated[int, typer.Option(help="Crops per held-out photo.")] = 1,
+    short_side: Annotated[int, typer.Option(help="Photos are reduced to this short side first.")] = 640,
+    tile: Annotated[
+        str, typer.Option(help="The tiling of the 'tiled' row: auto, HxW or HxW:OVERLAP.")
+    ] = "auto",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write window_latents.json here.")] = None,
+) -> None:
+    """Is a tiled decode's colour cast the blending's or the window latents'? Five decodes compared."""
+    from pidserve.bench import QualitySetup, window_latent_cast, window_latent_table
+    from pidserve.model import Tiling, load_tiny_autoencoder
+
+    net = load_model(student, None)
+    if net.cfg.latent_space != "tiny-ae":
+        raise fail(
+            f"bench window-latents needs a 'tiny-ae' student (it re-encodes windows); "
+            f"{student} decodes '{net.cfg.latent_space}'"
+        )
+    setup = QualitySetup(
+        photos, crop=crop, crops_per_photo=crops_per_photo, short_side=short_side, upscale=False
+    )
+    try:
+        ae, space = load_tiny_autoencoder(autoencoder)
+        figures = window_latent_cast(setup, net, ae, Tiling.parse(tile), space=space)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(exc) from None
+    typer.echo(window_latent_table(figures))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "window_latents.json").write_text(json.dumps(figures, indent=2) + "\n")
+        typer.echo(f"wrote {out / 'window_latents.json'}")
+
+
 def _bench_model(checkpoint: str | None, preset: str | None, variant: str | None) -> PiDNet:
     """The model a benchmark times: a checkpoint, or a preset with random weights (seed 0)."""
     import torch
