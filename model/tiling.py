@@ -201,11 +201,13 @@ class TilePlan:
             self.crop(total, window).add_(weight)
         return total.reciprocal_()
 
-    def weights(self, device: torch.device) -> list[torch.Tensor]:
-        """Per window, its normalised blend weight [1, 1, th, tw] float64 (they sum to 1 at each pixel).
-        With a single window it is exactly 1 (1 * 1 / 1), so tiled equals untiled bit for bit."""
-        ramp, normaliser = blend_weights(self.tile, self.overlap, device), self.normaliser(device)
-        return [ramp * self.crop(normaliser, window) for window in range(self.count)]
+    def window_weight(
+        self, window: int, ramp: torch.Tensor, normaliser: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Window `window`'s normalised blend weight [1, 1, th, tw] (they sum to 1 at each pixel):
+        ramp (blend_weights) times its crop of `normaliser`, into `out` when given. With a single
+        window it is exactly 1 (1 * 1 / 1), so tiled equals untiled bit for bit."""
+        return torch.mul(ramp, self.crop(normaliser, window), out=out)
 
 
 # velocity_rows(chunk, x_rows, t_rows) -> v_rows: the network on rows [chunk * row_batch, ...)
@@ -240,9 +242,9 @@ def tiled_velocity(
     done = 0
 
     def weight(window: int) -> torch.Tensor:
-        """Window `window`'s normalised weight [1, 1, th, tw], written into one reused buffer (no
-        allocation per window and step: small temporaries fragment the CPU heap)."""
-        return torch.mul(blend["ramp"], plan.crop(blend["normaliser"], window), out=blend["scratch"])
+        """Window `window`'s normalised weight, written into one reused buffer (no allocation per
+        window and step: small temporaries fragment the CPU heap)."""
+        return plan.window_weight(window, blend["ramp"], blend["normaliser"], out=blend["scratch"])
 
     def velocity(x: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
         nonlocal done

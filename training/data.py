@@ -193,21 +193,21 @@ class PhotoCrops(Dataset):
         photo_idx = int(torch.multinomial(self.weights, 1, generator=gen))
         photo = self.photos[photo_idx]
         size = self.spec.size_at(int(index))
-        region = size * self.spec.context
-        top = int(torch.randint(0, photo.shape[1] - region + 1, (1,), generator=gen))
-        left = int(torch.randint(0, photo.shape[2] - region + 1, (1,), generator=gen))
-        crop = photo[:, top : top + region, left : left + region].float().div(127.5).sub(1.0)
+        side = size * self.spec.context  # the region's side: the crop's own without a context
+        top = int(torch.randint(0, photo.shape[1] - side + 1, (1,), generator=gen))
+        left = int(torch.randint(0, photo.shape[2] - side + 1, (1,), generator=gen))
+        region = photo[:, top : top + side, left : left + side].float().div(127.5).sub(1.0)
         if self.spec.flip and bool(torch.rand((), generator=gen) < 0.5):
-            crop = crop.flip(-1)
-        context = {}
+            region = region.flip(-1)
+        crop, context = region, {}
         if self.spec.context > 1:
             # the crop's place in the region, in whole latent cells
-            cells = (region - size) // self.spec.cell + 1
+            cells = (side - size) // self.spec.cell + 1
             cell = torch.randint(0, cells, (2,), generator=gen)
-            context["lr_context"] = degrade(crop[None], self.spec.scale)[0]
+            context["lr_context"] = degrade(region[None], self.spec.scale)[0]
             context["context_cell"] = cell
             row, col = (cell * self.spec.cell).tolist()
-            crop = crop[:, row : row + size, col : col + size]
+            crop = region[:, row : row + size, col : col + size]
         caption = self.captions[photo_idx]
         if bool(torch.rand((), generator=gen) < self.spec.caption_dropout):
             caption = ""

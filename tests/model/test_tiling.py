@@ -63,10 +63,13 @@ def test_a_plan_tiles_only_outputs_larger_than_one_window() -> None:
     assert plan.origins[-1] == (256, 128)  # the last windows end at the borders
     narrow = Tiling().plan((512, 128), (256, 256), 32)
     assert narrow is not None and narrow.tile == (256, 128)  # a side smaller than the window: one window
-    weights = plan.weights(torch.device("cpu"))
+    ramp, normaliser = (
+        blend_weights(plan.tile, plan.overlap, torch.device("cpu")),
+        plan.normaliser(torch.device("cpu")),
+    )
     total = torch.zeros(1, 1, 512, 384, dtype=torch.float64)
-    for window, weight in enumerate(weights):
-        plan.crop(total, window).add_(weight)
+    for window in range(plan.count):
+        plan.crop(total, window).add_(plan.window_weight(window, ramp, normaliser))
     assert torch.allclose(total, torch.ones_like(total))  # normalised: x0 blends are convex
 
 
