@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pidserve.model import (
+    CorrectedWindowLatents,
     LatentSpace,
     PiDNet,
     TilePlan,
@@ -52,6 +53,9 @@ class QualitySetup:
     teacher_shift_base: int = 256
     seed: int = 0
     tile: Tiling | None = None  # also decode the student tiled (a student_tiled row, seam scores)
+    # what the tiled student's windows are conditioned on (model/window_latents.py): crop, or
+    # corrected (auto: corrected, with this run's autoencoder, as the engines do for tiny-ae latents)
+    window_latents: str = "auto"
 
 
 def holdout_crops(setup: QualitySetup, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +64,18 @@ def holdout_crops(setup: QualitySetup, scale: int) -> tuple[torch.Tensor, torch.
 
     hr = grid_crops(setup.photos, setup.crop, setup.crops_per_photo, setup.short_side, setup.upscale)
     return hr, degrade(hr, scale)
+
+
+def tiled_window_latents(
+    mode: str, ae: TinyAutoencoder, space: LatentSpace | None
+) -> CorrectedWindowLatents | None:
+    """The window latents of a tiled tiny-ae decode: None (the crop) for 'crop'; for 'corrected' and
+    'auto' the crop corrected with *this* autoencoder (a bench may read another tiny-ae's latents)."""
+    if mode == "crop":
+        return None
+    if mode not in ("auto", "corrected"):
+        raise ValueError(f"window latents {mode!r} is not one of auto, crop, corrected")
+    return CorrectedWindowLatents(ae, space)
 
 
 @torch.no_grad()
@@ -89,8 +105,9 @@ def evaluate_decoders(
     seams = None
     if setup.tile is not None:  # the same noise draws as "student": identical at the native size
         tile, overlap = setup.tile.size, setup.tile.overlap
+        windows = tiled_window_latents(setup.window_latents, ae, space)
         decoders["student_tiled"] = lambda z, low, g: sample_tiled(
-            student, z, 0.0, tile=tile, overlap=overlap, generator=g
+            student, z, 0.0, tile=tile, overlap=overlap, generator=g, window_latents=windows
         )
         plan = setup.tile.plan((setup.crop, setup.crop), student.cfg.native_size, student.cfg.output_scale)
         seams = None if plan is None else window_borders(plan)

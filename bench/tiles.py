@@ -1,8 +1,9 @@
 """`pidserve bench tiles`: time and peak memory of one decode against output size, tiled and untiled
 side by side in one run (issue 21's cost claim: linear time, memory flat beyond one window batch).
 
-Per output size, each mode (untiled, then the given tiling) is opened on the same network, warmed up
-once, then timed over `repeat` decodes of a random latent (batch 1). Peak memory:
+Per output size, each mode (untiled, then the given tiling once per window-latents mode: crop,
+corrected; model/window_latents.py) is opened on the same network, warmed up once, then timed over
+`repeat` decodes of a random latent (batch 1). Peak memory:
 - on CUDA, torch's peak allocated bytes during the timed decodes (reset before them);
 - on the CPU (Linux), the process's peak resident set during the timed decodes, by resetting the
   kernel's high-water mark (`/proc/self/clear_refs`, "5") and reading VmHWM; reported above the
@@ -21,7 +22,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pidserve.engines import Engine, open_engine
-from pidserve.model import TILING_OFF, PiDNet, Tiling, decode_flops, tiled_decode_flops
+from pidserve.model import (
+    TILING_OFF,
+    PiDNet,
+    Tiling,
+    WindowLatents,
+    crop_window_latents,
+    decode_flops,
+    tiled_decode_flops,
+)
 
 from . import report
 from .engine import random_batch
@@ -33,6 +42,7 @@ class TileTiming:
     size: tuple[int, int]
     tiling: str  # "off" or the tiling asked for
     windows: int
+    window_latents: str  # what tiled windows were conditioned on ("-" untiled)
     ms_median: float
     ms_min: float
     peak_memory_bytes: int | None  # above the baseline (CPU) or allocated (CUDA); None: unmeasurable here
@@ -54,26 +64,31 @@ def bench_tiles(
     repeat: int = 3,
     max_batch: int = 4,
     untiled_up_to: int | None = None,
+    window_latents: tuple[str, ...] = ("auto",),
 ) -> list[TileTiming]:
     """Untiled and tiled decodes at every size, one after another in this process.
 
     untiled_up_to: the largest output side also decoded untiled (None: every size); above it only
-    the tiled row runs (an untiled decode there would take minutes or run out of memory)."""
+    the tiled rows run (an untiled decode there would take minutes or run out of memory).
+    window_latents: one tiled row per mode (auto, crop, corrected), e.g. ("crop", "corrected") for
+    what the correction costs."""
 
-    def modes(size: tuple[int, int]) -> list[Tiling]:
+    def modes(size: tuple[int, int]) -> list[tuple[Tiling, str]]:
         untiled = untiled_up_to is None or max(size) <= untiled_up_to
-        return [TILING_OFF, tiling] if untiled else [tiling]
+        tiled = [(tiling, mode) for mode in window_latents]
+        return [(TILING_OFF, "auto"), *tiled] if untiled else tiled
 
     rows = []
     total = sum(len(modes(size)) for size in sizes) * (warmup + repeat)
     with tqdm(total=total, desc="decodes", unit="decode") as bar:
         for size in sizes:
             batch = random_batch(net.cfg, 1, size, steps)
-            for mode in modes(size):
-                bar.set_postfix_str(f"{size[0]}x{size[1]} tile={mode}")
+            for mode, latents_mode in modes(size):
+                bar.set_postfix_str(f"{size[0]}x{size[1]} tile={mode} {latents_mode}")
                 engine = open_engine(
-                    backend, net=net, device=device, precision=precision, max_batch=max_batch, tiling=mode
-                )
+                    backend, net=net, device=device, precision=precision, max_batch=max_batch,
+                    tiling=mode, window_latents=latents_mode,
+                )  # fmt: skip
                 try:
                     row = _time(engine, net, batch, size, mode, warmup, repeat, bar)
                 finally:
@@ -109,6 +124,7 @@ def _time(
         bar.update()
     peak = memory.stop()
     plan = mode.plan(size, net.cfg.native_size, net.cfg.output_scale)
+    latents_mode = "-" if plan is None else _mode_name(engine.window_latents)
     flops = (
         decode_flops(net.cfg, *size, steps=batch.steps, text_len=0)
         if plan is None
@@ -118,6 +134,7 @@ def _time(
         size=size,
         tiling=str(mode),
         windows=windows,
+        window_latents=latents_mode,
         ms_median=statistics.median(walls) * 1e3,
         ms_min=min(walls) * 1e3,
         peak_memory_bytes=peak,
@@ -127,20 +144,37 @@ def _time(
     )
 
 
+def _mode_name(window_latents: WindowLatents) -> str:
+    """'crop' or 'corrected': what an engine's window latents resolved to."""
+    return "crop" if window_latents is crop_window_latents else "corrected"
+
+
 def row_summary(r: TileTiming) -> str:
     peak = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f} MiB"
     return (
-        f"{r.size[0]}x{r.size[1]} tile={r.tiling}: {r.windows} window(s), {r.ms_median:.0f} ms, "
+        f"{r.size[0]}x{r.size[1]} tile={r.tiling} ({r.window_latents}): {r.windows} window(s), "
+        f"{r.ms_median:.0f} ms, "
         f"peak {peak}, {r.flops / 1e9:.1f} GFLOP"
     )
 
 
 def markdown_table(rows: list[TileTiming]) -> str:
-    columns = ["size", "tile", "windows", "ms (median)", "ms per megapixel", "peak MiB", "GFLOP", "device"]
+    columns = [
+        "size",
+        "tile",
+        "window latents",
+        "windows",
+        "ms (median)",
+        "ms per megapixel",
+        "peak MiB",
+        "GFLOP",
+        "device",
+    ]
     cells = [
         [
             f"{r.size[0]}x{r.size[1]}",
             r.tiling,
+            r.window_latents,
             r.windows,
             f"{r.ms_median:.0f}",
             f"{r.ms_median / (r.size[0] * r.size[1] / 1e6):.0f}",

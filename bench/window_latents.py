@@ -1,15 +1,19 @@
 """`pidserve bench window-latents`: where a tiled decode's colour cast comes from, the blending or
 the window latents (docs/quality.md, "Where the tiled cast comes from").
 
-Each held-out crop's low-res image is encoded whole, as a user's latent is, and decoded five ways:
+Each held-out crop's low-res image is encoded whole, as a user's latent is, and decoded six ways:
 
     untiled             the whole latent at once
-    tiled               the given tiling: windows blended at every step (what the engines run)
-    windows             overlap 0: every window decoded on its own, no blending
+    tiled_crop          the given tiling: windows blended at every step, each conditioned on its crop
+                        of the latent
+    tiled_corrected     the same, each window's crop corrected for the encoder's context
+                        (model/window_latents.py): what the engines run for tiny-ae latents
+    windows             overlap 0: every window decoded on its own from its crop, no blending
     windows_own_latent  overlap 0, each window given the encoding of *its own* low-res crop: the
                         latents the decoder was trained on (an oracle: it needs the image)
     windows_reencoded   overlap 0, each window given the encoding of its crop of the autoencoder's
-                        decode of the whole latent (what a server could do without the image)
+                        decode of the whole latent (replacing the latent: loses what the round trip
+                        loses; `corrected` adds the difference to the crop instead)
 
 The overlap-0 rows read the whole image's seeded noise cropped to each window, so `windows` is
 `sample_tiled` with overlap 0. Figures per row: colour shift (mean and worst crop, 8-bit levels), the
@@ -22,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from pidserve.model import (
+    CorrectedWindowLatents,
     LatentSpace,
     PiDNet,
     TilePlan,
@@ -35,7 +40,7 @@ from pidserve.model import (
 from . import quality
 from .decoder_quality import QualitySetup, holdout_crops
 
-ROWS = ("untiled", "tiled", "windows", "windows_own_latent", "windows_reencoded")
+ROWS = ("untiled", "tiled_crop", "tiled_corrected", "windows", "windows_own_latent", "windows_reencoded")
 
 
 @torch.no_grad()
@@ -62,6 +67,7 @@ def window_latent_cast(
     alone = TilePlan.build(output, plan.tile, 0, grid)  # the overlap-0 windows: a partition
     hr, lr = holdout_crops(setup, scale)
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in ROWS}
+    corrected = CorrectedWindowLatents(ae, space)
 
     def encode(image: torch.Tensor) -> torch.Tensor:
         return space.normalize(ae.encode(image).float())
@@ -72,9 +78,18 @@ def window_latent_cast(
         reconstruction = ae.decode(space.denormalize(latent)).clamp(-1, 1)
         noises = _noises(setup.seed + i, output)
         outputs["untiled"].append(sample(net, latent, 0.0, noises=noises))
-        outputs["tiled"].append(
-            sample_tiled(net, latent, 0.0, tile=plan.tile, overlap=plan.overlap, noises=noises)
-        )
+        for name, window_latents in (("tiled_crop", None), ("tiled_corrected", corrected)):
+            outputs[name].append(
+                sample_tiled(
+                    net,
+                    latent,
+                    0.0,
+                    tile=plan.tile,
+                    overlap=plan.overlap,
+                    noises=noises,
+                    window_latents=window_latents,
+                )
+            )
         windows = range(alone.count)
         latents = {
             "windows": list(alone.latent_rows(latent).split(1)),

@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pidserve.model import MAX_STUDENT_STEPS, TILING_OFF, Progress, TilePlan, Tiling
+from pidserve.model import (
+    MAX_STUDENT_STEPS,
+    TILING_OFF,
+    Progress,
+    TilePlan,
+    Tiling,
+    WindowLatents,
+    crop_window_latents,
+    window_latents_for,
+)
 
 MAX_SEED = 2**63 - 1  # seeds are int64 on every path (DecodeBatch, the wire formats): 0 .. MAX_SEED
 
@@ -247,6 +256,9 @@ class Engine(ABC):
     """Decode batches of latents into uint8 images. Backends never fall back to one another."""
 
     backend: str = "abstract"
+    # What tiled decodes condition each window on (model/window_latents.py); backends that tile set it
+    # from their `window_latents` option (engine_window_latents).
+    window_latents: WindowLatents = staticmethod(crop_window_latents)
 
     @property
     @abstractmethod
@@ -291,6 +303,16 @@ def warmup_text_tokens(caps: EngineCapabilities, requested: int | None) -> int:
             "(or serve without a text encoder)"
         )
     return requested
+
+
+def engine_window_latents(mode: str, latent_space: str) -> WindowLatents:
+    """What an engine's tiled decodes condition each window on (model/window_latents.py): 'auto'
+    (corrected for the latent spaces whose autoencoder pidserve has, else the crop), 'crop' or
+    'corrected'; EngineConfigError for a mode this latent space cannot have."""
+    try:
+        return window_latents_for(mode, latent_space)
+    except ValueError as exc:
+        raise EngineConfigError(str(exc)) from None
 
 
 def padded_batch_size(n: int, batch_sizes: Sequence[int]) -> int:

@@ -36,6 +36,7 @@ def open_engine(
     compile_mode: str | None = None,
     attention_backend: str = "auto",
     tiling: Tiling | str | None = None,
+    window_latents: str = "auto",
 ) -> Engine:
     """Open `backend`.
 
@@ -49,6 +50,8 @@ def open_engine(
     Every backend takes `tiling` ('off', 'auto', 'HxW[:overlap]' or a Tiling; default off): the default
     of batches that name none. Larger outputs decode in blended windows (model/tiling.py); fixed-shape
     engines (onnxruntime, tensorrt) tile in windows of the one size they were built for.
+    `window_latents` ('auto', 'crop', 'corrected'): what each window is conditioned on
+    (model/window_latents.py); auto corrects tiny-ae latents for the encoder's context.
     """
     tiling = parse_tiling(tiling)
     if backend not in BACKENDS:
@@ -66,8 +69,9 @@ def open_engine(
             if compile_mode is not None:
                 raise EngineConfigError("compile_mode is for the torch-compile backend only")
             return TorchEngine(
-                net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tiling
-            )
+                net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tiling,
+                window_latents,
+            )  # fmt: skip
         return TorchCompileEngine(
             net,
             device=device,
@@ -78,6 +82,7 @@ def open_engine(
             image_sizes=image_sizes,
             attention_backend=attention_backend,
             tiling=tiling,
+            window_latents=window_latents,
         )
     if backend == "onnxruntime":
         if device != "cpu" or precision != "fp32":
@@ -92,12 +97,12 @@ def open_engine(
                     "the onnxruntime backend needs an export directory, or a model and a size"
                 )
             engine_dir = exported_for(net, profile, cache_dir)
-        return OnnxRuntimeEngine(engine_dir, tiling=tiling)
+        return OnnxRuntimeEngine(engine_dir, tiling=tiling, window_latents=window_latents)
     if engine_dir is None:
         raise EngineConfigError("the tensorrt backend needs an engine directory built by `pidserve build`")
     from .tensorrt_engine import TensorRTEngine
 
-    return TensorRTEngine(engine_dir, tiling=tiling)
+    return TensorRTEngine(engine_dir, tiling=tiling, window_latents=window_latents)
 
 
 def parse_tiling(tiling: Tiling | str | None) -> Tiling:

@@ -26,6 +26,7 @@ from .base import (
     EngineConfigError,
     ShapeProfile,
     StageTimer,
+    engine_window_latents,
     seeded_noise_stream,
     seeded_noises,
     stoppable,
@@ -43,9 +44,14 @@ class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(
-        self, export_dir: str | Path, threads: int | None = None, tiling: Tiling = TILING_OFF
+        self,
+        export_dir: str | Path,
+        threads: int | None = None,
+        tiling: Tiling = TILING_OFF,
+        window_latents: str = "auto",
     ) -> None:
-        """tiling: the default of batches that name none; windows are the export's one image size."""
+        """tiling: the default of batches that name none; windows are the export's one image size.
+        window_latents: what each window is conditioned on (model/window_latents.py)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -86,6 +92,7 @@ class OnnxRuntimeEngine(Engine):
             tiling=tiling,
             native_size=self.profile.image_size,
         )
+        self.window_latents = engine_window_latents(window_latents, cfg.latent_space)
         log.info(
             "engine: backend=onnxruntime provider=%s threads=%d export=%s",
             PROVIDER,
@@ -135,6 +142,7 @@ class OnnxRuntimeEngine(Engine):
             self.profile.max_batch,
             self._features,
             self._velocity,
+            window_latents=self.window_latents,
         )
 
     def _features(

@@ -44,6 +44,7 @@ from pidserve.model import (
     PiDConfig,
     TilePlan,
     Tiling,
+    WindowLatents,
     student_steps,
     student_timesteps,
 )
@@ -57,6 +58,7 @@ from .base import (
     ShapeProfile,
     StageTimer,
     copy_to_host,
+    engine_window_latents,
     on_device,
     padded_batch_size,
     seeded_noise_stream,
@@ -291,7 +293,9 @@ class StaticDecoder:
                 images = copy_to_host(views["images"][:n])
         return DecodeResult(images=images, timings=timer.result())
 
-    def decode_tiled(self, plan: TilePlan, batch: DecodeBatch) -> DecodeResult:
+    def decode_tiled(
+        self, plan: TilePlan, batch: DecodeBatch, window_latents: WindowLatents | None = None
+    ) -> DecodeResult:
         """A larger output in windows of the built size (engines/tiled.py): per step and chunk of
         window rows, the condition and step plans run on the static buffers of the chunk's batch size.
 
@@ -333,6 +337,7 @@ class StaticDecoder:
                     lambda *rows: rows,  # conditioned again with every step (see above)
                     velocity,
                     self.batch_sizes,
+                    window_latents,
                 )
             with timer.stage("postprocess"):
                 pixels = kernels.postprocess(x0)
@@ -423,10 +428,13 @@ class TensorRTEngine(Engine):
         device: str | torch.device = "cuda",
         cuda_graphs: bool = True,
         tiling: Tiling = TILING_OFF,
+        window_latents: str = "auto",
     ) -> None:
-        """tiling: the default of batches that name none; windows are the built image size."""
+        """tiling: the default of batches that name none; windows are the built image size.
+        window_latents: what each window is conditioned on (model/window_latents.py)."""
         self.engine_dir = Path(engine_dir)
         self.tiling = tiling
+        self.window_latents_mode = window_latents
         self.check(device)
         self.load()
         self.bind(cuda_graphs)
@@ -461,6 +469,7 @@ class TensorRTEngine(Engine):
         self._caps = capabilities_from_manifest(self.manifest, self.device, self.tiling)
         self.cfg = self.manifest.pid_config()
         self.profile = single_profile(self.manifest)
+        self.window_latents = engine_window_latents(self.window_latents_mode, self.cfg.latent_space)
 
     def load(self) -> None:
         """Deserialize both plans with one TensorRT runtime, and allocate the scratch memory they share."""
@@ -510,7 +519,7 @@ class TensorRTEngine(Engine):
         self._caps.check(batch)
         plan = self._caps.plan(batch)
         if plan is not None:  # window by window: asks batch.abandoned before every chunk
-            return self._decoder.decode_tiled(plan, batch)
+            return self._decoder.decode_tiled(plan, batch, self.window_latents)
         stop_if_abandoned(batch)  # one graph replay: it can only be skipped before it starts
         return self._decoder.decode(batch)
 

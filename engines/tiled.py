@@ -5,7 +5,9 @@
                             ->  student_steps with the whole image's seeded noise (as untiled), drawn
                                 step by step so one whole-image draw is held at a time
 
-A backend supplies only `condition` and `velocity` over rows; chunks hold at most `row_batch` rows
+Each window's latent rows are its crop of the latent, or that crop corrected for the encoder's context
+(model/window_latents.py; the engine's `window_latents` option, auto by default: corrected for tiny-ae
+latents). A backend supplies only `condition` and `velocity` over rows; chunks hold at most `row_batch` rows
 (window x sample pairs), so activation memory is bounded by one chunk whatever the output size. A
 fixed-shape backend (ONNX Runtime, TensorRT profiles, CUDA graphs) names its served batch sizes: each
 chunk is padded to the next one by repeating its first row (the padding's outputs are dropped), so
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pidserve.model import TilePlan, student_steps, student_timesteps, tiled_velocity
+from pidserve.model import TilePlan, WindowLatents, student_steps, student_timesteps, tiled_velocity
 
 from .base import DecodeBatch, padded_batch_size, stop_if_abandoned
 
@@ -40,19 +42,21 @@ def decode_tiled(
     condition: RowCondition,
     velocity: RowStep,
     batch_sizes: Sequence[int] | None = None,
+    window_latents: WindowLatents | None = None,
 ) -> torch.Tensor:
     """float32 x0 [B, 3, H, W] in [-1, 1] on the inputs' device.
 
     latents/sigmas/text: the batch on the device (B rows); draw: the next whole-image noise draw
     [B, 3, H, W] (base.seeded_noise_stream), called batch.steps times.
     batch_sizes: the only row counts `condition` and `velocity` accept (None: any up to row_batch).
+    window_latents: what each window is conditioned on (model/window_latents.py; None: its crop).
     Asks `batch.abandoned` before every chunk of every step and reports `batch.progress`.
     """
     size = latents.shape[0]
     pad = (lambda n: n) if batch_sizes is None else (lambda n: padded_batch_size(n, batch_sizes))
     states = [
         condition(*(_padded(rows, pad) for rows in chunk))
-        for chunk in plan.chunk_inputs(latents, sigmas, text, row_batch)
+        for chunk in plan.chunk_inputs(latents, sigmas, text, row_batch, window_latents)
     ]
 
     def velocity_rows(chunk: int, x_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .base import (
     StageTimer,
     check_device,
     copy_to_host,
+    engine_window_latents,
     on_device,
     padded_batch_size,
     seeded_noise_stream,
@@ -111,13 +112,15 @@ class TorchEngine(Engine):
         image_sizes: Sequence[tuple[int, int]] | None = None,
         attention_backend: str = "auto",
         tiling: Tiling = TILING_OFF,
+        window_latents: str = "auto",
     ) -> None:
         """batch_sizes: serve only these (a batch of n runs padded to the next one); None: any size
         up to max_batch. image_sizes: serve only these output sizes; None: any multiple of 16.
         attention_backend: the scaled-dot-product-attention kernel to use (attention.py; auto: torch's).
         tiling: how batches that name none are cut into windows (model/tiling.py; `auto`: windows of
         the network's native size `cfg.native_size`); a tiled decode runs max_batch window rows at a
-        time."""
+        time. window_latents: what each window is conditioned on (auto, crop, corrected:
+        model/window_latents.py)."""
         self.device = _check_device_and_precision(self.backend, device, precision)
         check_attention_backend(attention_backend, self.device)
         # auto: the kernel measured fastest on this GPU where one was measured (attention.py)
@@ -161,6 +164,7 @@ class TorchEngine(Engine):
             tiling=tiling,
             native_size=cfg.native_size,
         )
+        self.window_latents = engine_window_latents(window_latents, cfg.latent_space)
         log.info(
             "engine: backend=%s device=%s precision=%s attention=%s",
             self.backend,
@@ -224,8 +228,9 @@ class TorchEngine(Engine):
 
         row_batch = self._caps.max_batch
         return decode_tiled(
-            plan, batch, latents, sigmas, text, draw, row_batch, condition, velocity, row_counts
-        )
+            plan, batch, latents, sigmas, text, draw, row_batch, condition, velocity, row_counts,
+            self.window_latents,
+        )  # fmt: skip
 
     def _window_network(self) -> tuple[Velocity, tuple[int, ...] | None]:
         """The network step tiled decodes run on window rows, and the row counts it takes (None: any)."""
@@ -300,6 +305,7 @@ class TorchCompileEngine(TorchEngine):
         image_sizes: Sequence[tuple[int, int]] | None = None,
         attention_backend: str = "auto",
         tiling: Tiling = TILING_OFF,
+        window_latents: str = "auto",
     ) -> None:
         # Mode "default" (None) on every device: on an H100, 2k flux at 2048² compiles in well under a
         # minute per shape and runs 1.55x faster than eager (bench/RESULTS.md); "max-autotune-no-cudagraphs"
@@ -312,8 +318,9 @@ class TorchCompileEngine(TorchEngine):
                 "engine's capture of the whole decode; use 'default' or 'max-autotune-no-cudagraphs'"
             )
         super().__init__(
-            net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tiling
-        )
+            net, device, precision, max_batch, batch_sizes, image_sizes, attention_backend, tiling,
+            window_latents,
+        )  # fmt: skip
         # dynamic=False compiles once per (batch size, image size); past dynamo's recompile limit it
         # would quietly run eager, so the limit covers every served shape.
         served = len(self._caps.served_batch_sizes) * max(1, len(image_sizes or ()))

@@ -8,6 +8,8 @@ Public API (other folders use exactly these names; the modules behind them are p
                   official_to_ours, ours_to_official, official_kwargs (the official names and arguments)
     sampling:     sample, sample_tiled (windows of the native size, blended per step), tiled_window_count,
                   Tiling, TILING_OFF, TilePlan, tiled_velocity, Progress (the tiled path of every engine),
+                  WindowLatents, window_latents_for, WINDOW_LATENT_MODES, crop_window_latents,
+                  CorrectedWindowLatents (what each window is conditioned on),
                   sample_teacher,
                   student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
                   the flow-matching pieces training uses: FM_TIMESCALE, flow_noise, predict_x0, shift_time,
@@ -56,6 +58,13 @@ from .text import TextEncoder
 from .tiling import OFF as TILING_OFF
 from .tiling import Progress, TilePlan, Tiling, sample_tiled, tiled_velocity, tiled_window_count
 from .vae_decoder import VAE_CONFIGS, VAEDecoder, load_vae_decoder
+from .window_latents import (
+    WINDOW_LATENT_MODES,
+    CorrectedWindowLatents,
+    WindowLatents,
+    crop_window_latents,
+    window_latents_for,
+)
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -66,9 +75,11 @@ __all__ = [
     "RELEASED_CHECKPOINTS",
     "TILING_OFF",
     "VAE_CONFIGS",
+    "WINDOW_LATENT_MODES",
     "AutoencoderConfig",
     "CheckpointError",
     "Conditioning",
+    "CorrectedWindowLatents",
     "LatentError",
     "LatentSpace",
     "PiDConfig",
@@ -80,6 +91,8 @@ __all__ = [
     "Tiling",
     "TinyAutoencoder",
     "VAEDecoder",
+    "WindowLatents",
+    "crop_window_latents",
     "decode_flops",
     "decode_latent_cascade",
     "describe_config",
@@ -118,4 +131,5 @@ __all__ = [
     "to_uint8_hwc",
     "unpack_sequence",
     "validate_sigma",
+    "window_latents_for",
 ]

@@ -178,9 +178,14 @@ class TilePlan:
         sigma: torch.Tensor,
         text: torch.Tensor | None,
         row_batch: int,
+        window_latents: WindowLatents | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Per chunk of rows (chunk_ranges), its (latent, sigma, text) rows: what a backend conditions on."""
-        latent_rows, sigma_rows = self.latent_rows(latent), self.repeat_rows(sigma)
+        """Per chunk of rows (chunk_ranges), its (latent, sigma, text) rows: what a backend conditions on.
+
+        window_latents: how each window's latent is made from the whole one (model/window_latents.py;
+        None: its crop, `latent_rows`)."""
+        latent_rows = (window_latents or TilePlan.latent_rows)(self, latent)
+        sigma_rows = self.repeat_rows(sigma)
         text_rows = None if text is None else self.repeat_rows(text)
         return [
             (
@@ -210,6 +215,9 @@ class TilePlan:
         return torch.mul(ramp, self.crop(normaliser, window), out=out)
 
 
+# window_latents(plan, latents [B, C, h, w]) -> latent rows [N * B, C, th / grid, tw / grid], window-major:
+# what each window is conditioned on (model/window_latents.py: the crop, or the crop corrected)
+WindowLatents = Callable[[TilePlan, torch.Tensor], torch.Tensor]
 # velocity_rows(chunk, x_rows, t_rows) -> v_rows: the network on rows [chunk * row_batch, ...)
 RowVelocity = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 # progress(done, total): network chunks evaluated so far in this decode, of all its steps
@@ -282,13 +290,15 @@ def sample_tiled(
     generator: torch.Generator | None = None,
     window_batch: int = 4,
     callback: StepCallback | None = None,
+    window_latents: WindowLatents | None = None,
 ) -> torch.Tensor:
     """Decode `latent` [B, C, h, w] in windows; float32 [B, 3, H, W] in [-1, 1], like `sample`.
 
     tile: the window's output size (default: the network's native size, `cfg.native_size`);
     overlap: output pixels neighbouring windows share (default a quarter of the window);
     window_batch: windows run through the network together (a memory bound; any value gives the same
-    result up to float rounding). Random draws as in `sample`.
+    result up to float rounding); window_latents: what each window is conditioned on (None: its crop
+    of `latent`; model/window_latents.py). Random draws as in `sample`.
     """
     cfg = net.cfg
     batch = latent.shape[0]
@@ -301,7 +311,9 @@ def sample_tiled(
     row_batch = window_batch * batch
     conds = [
         net.condition(latent_rows, sigma_rows, text_rows, image_size=plan.tile)
-        for latent_rows, sigma_rows, text_rows in plan.chunk_inputs(latent, sigmas, text, row_batch)
+        for latent_rows, sigma_rows, text_rows in plan.chunk_inputs(
+            latent, sigmas, text, row_batch, window_latents
+        )
     ]
 
     def velocity_rows(chunk: int, x_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
@@ -326,6 +338,7 @@ __all__ = [
     "RowVelocity",
     "TilePlan",
     "Tiling",
+    "WindowLatents",
     "blend_weights",
     "chunk_ranges",
     "sample_tiled",

@@ -133,6 +133,7 @@ def open_configured_engine(settings: ServerSettings, net: PiDNet | None) -> Engi
         profile=profile,
         attention_backend=settings.attention_backend,
         tiling=settings.parsed_tiling(),
+        window_latents=settings.window_latents,
     )
 
 

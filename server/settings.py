@@ -70,6 +70,12 @@ class ServerSettings(BaseSettings):
         "auto (windows of the model's native size, or of a fixed-shape engine's built size, for larger "
         "outputs), off, HxW or HxW:OVERLAP.",
     )
+    window_latents: Literal["auto", "crop", "corrected"] = Field(
+        "auto",
+        description="What each window of a tiled decode is conditioned on (model/window_latents.py): "
+        "crop (its crop of the latent), corrected (that crop corrected for the encoder's context, "
+        "tiny-ae latents only) or auto (corrected where possible, else crop).",
+    )
     text_encoder: str | None = Field(
         None, description="Gemma-2 text encoder (local directory or hub id) for prompts; none: no prompts."
     )

@@ -116,6 +116,13 @@ def bench_tiles_cmd(
         int | None,
         typer.Option(help="Largest output side also decoded untiled (default: all); above it tiled only."),
     ] = None,
+    window_latents: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated window-latents modes, one tiled row each: auto, crop, corrected "
+            "(crop,corrected: what the correction costs)."
+        ),
+    ] = "auto",
     out: OutOpt = None,
 ) -> None:
     """Time and peak memory of one decode against output size: untiled and tiled, side by side."""
@@ -138,6 +145,7 @@ def bench_tiles_cmd(
         rows = bench_tiles(
             net, chosen, tiling, device=device, precision=precision, backend=backend, steps=steps,
             warmup=warmup, repeat=repeat, max_batch=max_batch, untiled_up_to=untiled_up_to,
+            window_latents=tuple(mode.strip() for mode in window_latents.split(",")),
         )  # fmt: skip
     except (EngineConfigError, EngineInputError, ValueError) as exc:
         raise fail(exc) from None
@@ -467,6 +475,13 @@ def bench_quality(
         str | None,
         typer.Option(help="Also decode the student tiled: auto, HxW or HxW:OVERLAP (a student_tiled row)."),
     ] = None,
+    window_latents: Annotated[
+        str,
+        typer.Option(
+            help="What the tiled row's windows are conditioned on: auto or corrected (the crop corrected "
+            "for the encoder's context, as served), or crop."
+        ),
+    ] = "auto",
 ) -> None:
     """PSNR, SSIM, colour, detail, block grid: student vs teacher vs cascade (tiny-ae) vs bicubic."""
     from pidserve.bench import QualitySetup, evaluate_decoders, quality_table, write_quality_report
@@ -486,6 +501,7 @@ def bench_quality(
         short_side=short_side,
         upscale=upscale,
         teacher_steps=teacher_steps,
+        window_latents=window_latents,
     )
     try:
         setup.tile = None if tile is None else Tiling.parse(tile)

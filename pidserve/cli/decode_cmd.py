@@ -88,12 +88,22 @@ def decode(
             "--url the default is the server's."
         ),
     ] = None,
+    window_latents: Annotated[
+        str | None,
+        typer.Option(
+            help="What tiled windows are conditioned on: auto (the default: corrected for tiny-ae latents, "
+            "else crop), crop, or corrected (the crop corrected for the encoder's context). Local "
+            "decodes only: a server uses its own --window-latents."
+        ),
+    ] = None,
 ) -> None:
     """Decode a latent file (or an image, via tiny-ae) to an image; same backend and --seed, same pixels."""
     keep_freed_memory()
     output = _output_path(output, latent_file)  # checked before any decoding, so no work is lost to it
     _check_input_name(latent_file)
     if url is not None:
+        if window_latents is not None:
+            raise fail("--window-latents is a server setting with --url (pidserve serve --window-latents)")
         _decode_remote(latent_file, url, api_key, output, seed, sigma, steps, timeout, tile)
         return
     import torch
@@ -107,12 +117,15 @@ def decode(
         check_device,
         open_engine,
     )
-    from pidserve.model import LatentError, Tiling, get_latent_space, validate_sigma
+    from pidserve.model import WINDOW_LATENT_MODES, LatentError, Tiling, get_latent_space, validate_sigma
 
     try:
         tiling = Tiling.parse(tile or "auto")
     except ValueError as exc:
         raise fail(f"--tile: {exc}") from None
+    window_latents = window_latents or "auto"
+    if window_latents not in WINDOW_LATENT_MODES:
+        raise fail(f"--window-latents {window_latents!r} is not one of {', '.join(WINDOW_LATENT_MODES)}")
 
     try:
         check_device(device)
@@ -154,6 +167,7 @@ def decode(
             profile=ShapeProfile(window, tuple(range(1, rows + 1))),
             attention_backend=attention_backend,
             tiling=tiling,
+            window_latents=window_latents,
         )
         seeds = torch.arange(batch_size, dtype=torch.int64) + seed
         with _progress_bar(plan) as progress:

@@ -39,6 +39,13 @@ def serve(
         str | None,
         typer.Option(help="Default tiling of larger outputs: auto (the default), off, HxW or HxW:OVERLAP."),
     ] = None,
+    window_latents: Annotated[
+        str | None,
+        typer.Option(
+            help="What tiled windows are conditioned on: auto (the default), crop, or corrected "
+            "(tiny-ae latents: the crop corrected for the encoder's context)."
+        ),
+    ] = None,
     text_encoder: Annotated[str | None, typer.Option(help="Gemma-2 text encoder for prompts.")] = None,
     max_queue_delay_ms: Annotated[float | None, typer.Option(help="Batching delay.")] = None,
     max_queue_size: Annotated[int | None, typer.Option(help="Queued latents before 429.")] = None,
@@ -75,7 +82,7 @@ def serve(
         "device": device, "precision": precision, "engine_dir": engine_dir,
         "attention_backend": attention_backend, "max_batch": max_batch,
         "batch_sizes": batch_size or None, "image_sizes": image_size or None, "text_encoder": text_encoder,
-        "tile": tile,
+        "tile": tile, "window_latents": window_latents,
         "max_queue_delay_ms": max_queue_delay_ms, "max_queue_size": max_queue_size,
         "request_timeout_s": request_timeout_s, "max_output_pixels": max_output_pixels,
         "max_pixel_steps": max_pixel_steps, "max_request_latents": max_request_latents,

@@ -27,7 +27,25 @@ def test_bench_tiles_measures_untiled_and_tiled_side_by_side() -> None:
     window = decode_flops(net.cfg, 128, 128, steps=4, text_len=0).total
     assert rows[1].flops == rows[0].flops == window and rows[3].flops == 9 * window
     assert all(r.ms_median > 0 and r.peak_memory_bytes is not None for r in rows)
-    assert "| 256x256 | 128x128:64 | 9 |" in tiles_table(rows)
+    assert "| 256x256 | 128x128:64 | crop | 9 |" in tiles_table(rows)  # FLUX.2 latents: no correction
+
+
+def test_bench_tiles_times_each_window_latents_mode_side_by_side() -> None:
+    net = PiDNet(PiDConfig.preset("pid-tiny")).eval()  # tiny-ae latents: correctable
+    rows = bench_tiles(
+        net,
+        [(512, 512)],
+        Tiling(),
+        repeat=1,
+        warmup=0,
+        untiled_up_to=256,
+        window_latents=("crop", "corrected"),
+    )
+    assert [(r.tiling, r.window_latents, r.windows) for r in rows] == [
+        ("auto", "crop", 9),
+        ("auto", "corrected", 9),
+    ]
+    assert rows[0].flops == rows[1].flops  # the FLOP counts are the network's; the correction is not in them
 
 
 def test_bench_tiles_decodes_only_tiled_above_untiled_up_to() -> None:

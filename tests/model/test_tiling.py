@@ -130,15 +130,27 @@ def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_p
     from pidserve.cli import app
     from pidserve.engines import DecodeBatch, EngineConfigError, open_engine
     from pidserve.engines.base import seeded_noises
+    from pidserve.model import CorrectedWindowLatents
 
     z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))  # 512x512 out, 9 windows
     engine = open_engine("torch", net=load_default_decoder(), tiling="256x256")
     images = engine.decode(DecodeBatch.single(z, seed=9)).images
     noises = seeded_noises(torch.tensor([9]), (1, 3, 512, 512), 4, torch.device("cpu"))
     with torch.no_grad():
-        # the engine runs max_batch (8) window rows per network call: the same chunks as window_batch 8
-        expected = to_uint8_hwc(sample_tiled(net, z, 0.0, tile=(256, 256), noises=noises, window_batch=8))
+        # the engine runs max_batch (8) window rows per network call: the same chunks as window_batch 8;
+        # tiny-ae latents: the windows are corrected for the encoder's context by default (auto)
+        expected, cropped = (
+            to_uint8_hwc(
+                sample_tiled(
+                    net, z, 0.0, tile=(256, 256), noises=noises, window_batch=8, window_latents=windows
+                )
+            )
+            for windows in (CorrectedWindowLatents(), None)
+        )
     assert torch.equal(images, expected)
+    crop_engine = open_engine("torch", net=load_default_decoder(), tiling="256x256", window_latents="crop")
+    assert torch.equal(crop_engine.decode(DecodeBatch.single(z, seed=9)).images, cropped)
+    assert not torch.equal(cropped, expected)
     with pytest.raises(EngineConfigError, match="tile 'big' is not 'off', 'auto', 'HxW' or 'HxW:OVERLAP'"):
         open_engine("torch", net=net, tiling="big")
     path = tmp_path / "z.safetensors"
@@ -150,6 +162,27 @@ def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_p
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected.numpy()[0])
     bad = CliRunner().invoke(app, ["decode", str(path), "--tile", "big", "-o", str(tmp_path / "b.png")])
     assert bad.exit_code == 2 and "--tile" in bad.output
+    crop = CliRunner().invoke(
+        app,
+        [
+            "decode",
+            str(path),
+            "--tile",
+            "256x256",
+            "--seed",
+            "9",
+            "--window-latents",
+            "crop",
+            "-o",
+            str(tmp_path / "c.png"),
+        ],
+    )
+    assert crop.exit_code == 0, crop.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), cropped.numpy()[0])
+    wrong = CliRunner().invoke(
+        app, ["decode", str(path), "--window-latents", "exact", "-o", str(tmp_path / "w.png")]
+    )
+    assert wrong.exit_code == 2 and "not one of auto, crop, corrected" in wrong.output
 
 
 def test_the_server_tiles_by_default_per_request_and_counts_windows_in_its_cost_model() -> None:
@@ -191,3 +224,12 @@ def test_the_server_tiles_by_default_per_request_and_counts_windows_in_its_cost_
         assert bad.status_code == 422 and "multiples of 32" in bad.json()["error"]["message"]
         worse = post(tile="big")
         assert worse.status_code == 422 and "'off', 'auto', 'HxW' or 'HxW:OVERLAP'" in worse.text
+    # --window-latents crop: the windows read their plain crops of the latent, another image
+    with live_server(window_latents="crop") as live:
+        cropped = httpx.post(
+            f"{live.url}/v1/decode", params={"steps": 2}, content=body, headers=headers, timeout=120
+        )
+        assert cropped.status_code == 200 and 'windows;desc="9"' in cropped.headers["server-timing"]
+        assert cropped.content != tiled.content
+    with pytest.raises(ValueError, match="window_latents"):
+        ServerSettings(window_latents="exact")
