@@ -33,6 +33,7 @@ from pidserve.model import (
     Tiling,
     TinyAutoencoder,
     get_latent_space,
+    image_windows,
     sample,
     sample_tiled,
 )
@@ -90,11 +91,11 @@ def window_latent_cast(
                     window_latents=window_latents,
                 )
             )
-        windows = range(alone.count)
+        pixels = ae.cfg.downsample  # low-res pixels per latent cell
         latents = {
             "windows": list(alone.latent_rows(latent).split(1)),
-            "windows_own_latent": [encode(_low_res(alone, low, w, scale)) for w in windows],
-            "windows_reencoded": [encode(_low_res(alone, reconstruction, w, scale)) for w in windows],
+            "windows_own_latent": [encode(crop) for crop in image_windows(alone, low, pixels)],
+            "windows_reencoded": [encode(crop) for crop in image_windows(alone, reconstruction, pixels)],
         }
         for name, window_latents in latents.items():
             image = torch.empty(1, 3, *output)
@@ -103,13 +104,6 @@ def window_latent_cast(
                 alone.crop(image, w).copy_(sample(net, window_latent, 0.0, noises=window_noises))
             outputs[name].append(image)
     return {name: _figures(torch.cat(parts), hr, lr) for name, parts in outputs.items()}
-
-
-def _low_res(plan: TilePlan, image: torch.Tensor, window: int, scale: int) -> torch.Tensor:
-    """Window `window` of a low-res image (output pixels / scale)."""
-    top, left = (p // scale for p in plan.origins[window])
-    height, width = (p // scale for p in plan.tile)
-    return image[..., top : top + height, left : left + width]
 
 
 def _noises(seed: int, output: tuple[int, int]) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ Public API (other folders use exactly these names; the modules behind them are p
     sampling:     sample, sample_tiled (windows of the native size, blended per step), tiled_window_count,
                   Tiling, TILING_OFF, TilePlan, tiled_velocity, Progress (the tiled path of every engine),
                   WindowLatents, window_latents_for, WINDOW_LATENT_MODES, crop_window_latents,
-                  CorrectedWindowLatents (what each window is conditioned on),
+                  CorrectedWindowLatents, image_windows (what each window is conditioned on),
                   sample_teacher,
                   student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
                   the flow-matching pieces training uses: FM_TIMESCALE, flow_noise, predict_x0, shift_time,
@@ -63,6 +63,7 @@ from .window_latents import (
     CorrectedWindowLatents,
     WindowLatents,
     crop_window_latents,
+    image_windows,
     window_latents_for,
 )
 
@@ -99,6 +100,7 @@ __all__ = [
     "encode_image",
     "flow_noise",
     "get_latent_space",
+    "image_windows",
     "latent_space_of",
     "load_autoencoder",
     "load_checkpoint",

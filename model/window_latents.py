@@ -66,17 +66,8 @@ class CorrectedWindowLatents:
         z = latents.float()
         image = ae.decode(self.space.denormalize(z)).clamp(-1, 1)  # D(z): the low-res image
         context = self._encode(ae, image)  # E(D(z)): encoded whole, as the user's latent was
-        pixels = ae.cfg.downsample  # low-res pixels per latent cell
-        (th, tw), grid = plan.tile, plan.grid
+        crops = image_windows(plan, image, ae.cfg.downsample)
         alone = []  # E(window of D(z)): each window encoded on its own, window-major
-        crops = [
-            image[
-                ...,
-                t // grid * pixels : (t + th) // grid * pixels,
-                l // grid * pixels : (l + tw) // grid * pixels,
-            ]
-            for t, l in plan.origins
-        ]
         for start in range(0, len(crops), ENCODE_CHUNK):
             alone.append(self._encode(ae, torch.cat(crops[start : start + ENCODE_CHUNK])))
         correction = torch.cat(alone) - plan.latent_rows(context)
@@ -84,6 +75,20 @@ class CorrectedWindowLatents:
 
     def _encode(self, ae: TinyAutoencoder, image: torch.Tensor) -> torch.Tensor:
         return self.space.normalize(ae.encode(image).float())
+
+
+def image_windows(plan: TilePlan, image: torch.Tensor, pixels: int) -> list[torch.Tensor]:
+    """Every window's region of an image [B, 3, H, W] that has `pixels` pixels per latent cell (the
+    autoencoder's low-res image: its downsampling factor), in window order."""
+    (th, tw), grid = plan.tile, plan.grid
+    return [
+        image[
+            ...,
+            t // grid * pixels : (t + th) // grid * pixels,
+            l // grid * pixels : (l + tw) // grid * pixels,
+        ]
+        for t, l in plan.origins
+    ]
 
 
 def window_latents_for(mode: str, latent_space: str) -> WindowLatents:
@@ -107,5 +112,6 @@ __all__ = [
     "CorrectedWindowLatents",
     "WindowLatents",
     "crop_window_latents",
+    "image_windows",
     "window_latents_for",
 ]

@@ -117,3 +117,22 @@ def test_corrected_windows_are_near_their_own_pixels_encoding_and_decode_without
     (crop_shift, crop_psnr), (shift, psnr) = figures["crop"], figures["corrected"]
     assert shift <= 2.0 < 4.0 <= crop_shift
     assert psnr >= crop_psnr + 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_on_cuda_the_correction_runs_on_the_latents_device_and_matches_the_cpu(mosaic) -> None:
+    """bench/gpu_suite.sh's tests stage: the autoencoder follows the latents to the GPU, and a CUDA
+    engine's tiled decode of tiny-ae latents runs the correction there."""
+    from pidserve.engines import DecodeBatch, open_engine
+
+    _, _, latent = mosaic
+    plan = Tiling().plan((512, 512), (256, 256), 32)
+    correct = CorrectedWindowLatents()
+    on_cpu = correct(plan, latent)
+    on_gpu = correct(plan, latent.cuda())
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=0)  # TF32 / kernel rounding
+    engine = open_engine("torch", net=load_default_decoder(), device="cuda", tiling="auto")
+    assert isinstance(engine.window_latents, CorrectedWindowLatents)
+    result = engine.decode(DecodeBatch.single(latent))
+    assert result.images.shape == (1, 512, 512, 3) and result.windows == 9
