@@ -16,6 +16,9 @@ colour for that reason, against 3.0 when each window was given its own pixels' e
                space's own encoder and decoder, so it exists for tiny-ae only.
     auto       corrected where the latent space has its autoencoder here (tiny-ae), else crop
 
+Measured on pid-tiny's tiled 1024² decodes of held-out photos: 7.7 -> 3.4 levels, PSNR +0.6 dB
+(docs/quality.md, "Tiled decodes with corrected window latents").
+
 Cost of `corrected`: one autoencoder decode and encode of the whole low-res image plus one encode per
 window, once per decode (not per step); memory grows with the low-res image (1/16 of the output's
 pixels for a 4x decoder), not bounded by one window batch (bench/RESULTS.md).
