@@ -26,10 +26,9 @@ from pidserve.model import (
     TILING_OFF,
     PiDNet,
     Tiling,
-    WindowLatents,
-    crop_window_latents,
     decode_flops,
     tiled_decode_flops,
+    window_latents_name,
 )
 
 from . import report
@@ -124,7 +123,7 @@ def _time(
         bar.update()
     peak = memory.stop()
     plan = mode.plan(size, net.cfg.native_size, net.cfg.output_scale)
-    latents_mode = "-" if plan is None else _mode_name(engine.window_latents)
+    latents_mode = "-" if plan is None else window_latents_name(engine.window_latents)
     flops = (
         decode_flops(net.cfg, *size, steps=batch.steps, text_len=0)
         if plan is None
@@ -142,11 +141,6 @@ def _time(
         repeat=repeat,
         device=engine.capabilities.device,
     )
-
-
-def _mode_name(window_latents: WindowLatents) -> str:
-    """'crop' or 'corrected': what an engine's window latents resolved to."""
-    return "crop" if window_latents is crop_window_latents else "corrected"
 
 
 def row_summary(r: TileTiming) -> str:

@@ -9,7 +9,8 @@ Public API (other folders use exactly these names; the modules behind them are p
     sampling:     sample, sample_tiled (windows of the native size, blended per step), tiled_window_count,
                   Tiling, TILING_OFF, TilePlan, tiled_velocity, Progress (the tiled path of every engine),
                   WindowLatents, window_latents_for, WINDOW_LATENT_MODES, crop_window_latents,
-                  CorrectedWindowLatents, image_windows (what each window is conditioned on),
+                  CorrectedWindowLatents, image_windows, window_latents_name (what each window is
+                  conditioned on),
                   sample_teacher,
                   student_steps, student_timesteps, MAX_STUDENT_STEPS, to_uint8_hwc;
                   the flow-matching pieces training uses: FM_TIMESCALE, flow_noise, predict_x0, shift_time,
@@ -65,6 +66,7 @@ from .window_latents import (
     crop_window_latents,
     image_windows,
     window_latents_for,
+    window_latents_name,
 )
 
 __all__ = [
@@ -134,4 +136,5 @@ __all__ = [
     "unpack_sequence",
     "validate_sigma",
     "window_latents_for",
+    "window_latents_name",
 ]

@@ -80,6 +80,11 @@ class CorrectedWindowLatents:
         return self.space.normalize(ae.encode(image).float())
 
 
+def window_latents_name(window_latents: WindowLatents) -> str:
+    """'crop' or 'corrected': what a resolved WindowLatents does (for reports and the CLI)."""
+    return "corrected" if isinstance(window_latents, CorrectedWindowLatents) else "crop"
+
+
 def image_windows(plan: TilePlan, image: torch.Tensor, pixels: int) -> list[torch.Tensor]:
     """Every window's region of an image [B, 3, H, W] that has `pixels` pixels per latent cell (the
     autoencoder's low-res image: its downsampling factor), in window order."""
@@ -117,4 +122,5 @@ __all__ = [
     "crop_window_latents",
     "image_windows",
     "window_latents_for",
+    "window_latents_name",
 ]

@@ -117,7 +117,14 @@ def decode(
         check_device,
         open_engine,
     )
-    from pidserve.model import WINDOW_LATENT_MODES, LatentError, Tiling, get_latent_space, validate_sigma
+    from pidserve.model import (
+        WINDOW_LATENT_MODES,
+        LatentError,
+        Tiling,
+        get_latent_space,
+        validate_sigma,
+        window_latents_name,
+    )
 
     try:
         tiling = Tiling.parse(tile or "auto")
@@ -183,7 +190,12 @@ def decode(
     for image, path in zip(result.images, paths, strict=True):
         Image.fromarray(image.numpy()).save(path)
     timings = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result.timings.items())
-    windows = "" if result.windows == 1 else f", {result.windows} windows of {window[0]}x{window[1]}"
+    windows = (
+        ""
+        if result.windows == 1
+        else f", {result.windows} windows of {window[0]}x{window[1]}, "
+        f"{window_latents_name(engine.window_latents)} window latents"
+    )
     typer.echo(
         f"wrote {', '.join(map(str, paths))} ({size[0]}x{size[1]}{windows}, backend {engine.backend}; "
         f"{timings})"

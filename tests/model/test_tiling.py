@@ -159,6 +159,7 @@ def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_p
         app, ["decode", str(path), "--tile", "256x256", "--seed", "9", "-o", str(tmp_path / "o.png")]
     )
     assert result.exit_code == 0, result.output
+    assert "9 windows of 256x256, corrected window latents" in result.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected.numpy()[0])
     bad = CliRunner().invoke(app, ["decode", str(path), "--tile", "big", "-o", str(tmp_path / "b.png")])
     assert bad.exit_code == 2 and "--tile" in bad.output
@@ -178,6 +179,7 @@ def test_the_torch_engine_and_pidserve_decode_tile_with_the_same_code(net, tmp_p
         ],
     )
     assert crop.exit_code == 0, crop.output
+    assert "9 windows of 256x256, crop window latents" in crop.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), cropped.numpy()[0])
     wrong = CliRunner().invoke(
         app, ["decode", str(path), "--window-latents", "exact", "-o", str(tmp_path / "w.png")]
