@@ -24,7 +24,20 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from pidserve.cli import fail
-from pidserve.cli.options import OutOpt, PlotsOpt, float_list, int_list, load_model, parse_size
+from pidserve.cli.options import (
+    AutoencoderOpt,
+    CropOpt,
+    CropsPerPhotoOpt,
+    HoldoutOpt,
+    OutOpt,
+    PlotsOpt,
+    ShortSideOpt,
+    StudentOpt,
+    float_list,
+    int_list,
+    load_model,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from pidserve.model import PiDNet
@@ -453,20 +466,16 @@ def bench_codecs(
 
 @bench_app.command("quality")
 def bench_quality(
-    photos: Annotated[Path, typer.Option(help="Held-out photo folder.")] = Path("data/photos/holdout"),
-    student: Annotated[
-        str, typer.Option(help="Student checkpoint ('default': the embedded pid-tiny).")
-    ] = "default",
+    photos: HoldoutOpt = Path("data/photos/holdout"),
+    student: StudentOpt = "default",
     teacher: Annotated[Path | None, typer.Option(help="Teacher checkpoint (many-step Euler).")] = None,
-    autoencoder: Annotated[
-        Path | None, typer.Option(help="tiny-ae file whose latents the decoders read (default: embedded).")
-    ] = None,
+    autoencoder: AutoencoderOpt = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for metrics.json, table.md, grid.png.")
     ] = Path("bench/out/quality"),
-    crop: Annotated[int, typer.Option(help="Output (ground-truth crop) side in pixels.")] = 256,
-    crops_per_photo: Annotated[int, typer.Option(help="Crops per held-out photo.")] = 6,
-    short_side: Annotated[int, typer.Option(help="Photos are reduced to this short side first.")] = 640,
+    crop: CropOpt = 256,
+    crops_per_photo: CropsPerPhotoOpt = 6,
+    short_side: ShortSideOpt = 640,
     upscale: Annotated[
         bool, typer.Option(help="Also enlarge photos smaller than --short-side (v1's protocol).")
     ] = False,
@@ -522,13 +531,11 @@ def bench_quality(
 @bench_app.command("x0-error")
 def bench_x0_error(
     checkpoints: Annotated[list[Path], typer.Argument(help="Teacher / regression checkpoints to compare.")],
-    photos: Annotated[Path, typer.Option(help="Held-out photo folder.")] = Path("data/photos/holdout"),
-    autoencoder: Annotated[
-        Path | None, typer.Option(help="tiny-ae file whose latents the networks read (default: embedded).")
-    ] = None,
-    crop: Annotated[int, typer.Option(help="Output (ground-truth crop) side in pixels.")] = 256,
-    crops_per_photo: Annotated[int, typer.Option(help="Crops per held-out photo.")] = 6,
-    short_side: Annotated[int, typer.Option(help="Photos are reduced to this short side first.")] = 640,
+    photos: HoldoutOpt = Path("data/photos/holdout"),
+    autoencoder: AutoencoderOpt = None,
+    crop: CropOpt = 256,
+    crops_per_photo: CropsPerPhotoOpt = 6,
+    short_side: ShortSideOpt = 640,
     times: Annotated[
         str, typer.Option(help="Comma-separated diffusion times.")
     ] = "0.999,0.866,0.634,0.342,0.1",
@@ -570,18 +577,14 @@ def bench_x0_error(
 
 @bench_app.command("window-latents")
 def bench_window_latents(
-    photos: Annotated[Path, typer.Option(help="Held-out photo folder.")] = Path("data/photos/holdout"),
-    student: Annotated[
-        str, typer.Option(help="Student checkpoint ('default': the embedded pid-tiny).")
-    ] = "default",
-    autoencoder: Annotated[
-        Path | None, typer.Option(help="tiny-ae file whose latents the student reads (default: embedded).")
-    ] = None,
+    photos: HoldoutOpt = Path("data/photos/holdout"),
+    student: StudentOpt = "default",
+    autoencoder: AutoencoderOpt = None,
     crop: Annotated[int, typer.Option(help="Output side in pixels (a multiple of the window).")] = 1024,
-    crops_per_photo: Annotated[int, typer.Option(help="Crops per held-out photo.")] = 1,
-    short_side: Annotated[int, typer.Option(help="Photos are reduced to this short side first.")] = 640,
+    crops_per_photo: CropsPerPhotoOpt = 1,
+    short_side: ShortSideOpt = 640,
     tile: Annotated[
-        str, typer.Option(help="The tiling of the 'tiled' row: auto, HxW or HxW:OVERLAP.")
+        str, typer.Option(help="The tiling of the tiled rows: auto, HxW or HxW:OVERLAP.")
     ] = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write window_latents.json here.")] = None,
 ) -> None:

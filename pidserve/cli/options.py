@@ -5,6 +5,8 @@
     float_list     "0.5,2" -> [0.5, 2.0]
     load_model     a checkpoint argument ("default", ours, official + --variant) -> PiDNet
     OutOpt, PlotsOpt, ConfigOpt, SetOpt: option annotations used by several commands
+    HoldoutOpt, StudentOpt, AutoencoderOpt, CropOpt, CropsPerPhotoOpt, ShortSideOpt: the held-out
+        photo protocol of bench quality, x0-error and window-latents (defaults stay per command)
 
 Bad input is reported with `fail` (exit status 2), naming the option and the expected form.
 """
@@ -26,6 +28,16 @@ OutOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Report folder (default bench/out/<command>).")
 ]
 PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib).")]
+
+# bench commands on held-out photos (bench/decoder_quality.py's QualitySetup)
+HoldoutOpt = Annotated[Path, typer.Option(help="Held-out photo folder.")]
+StudentOpt = Annotated[str, typer.Option(help="Student checkpoint ('default': the embedded pid-tiny).")]
+AutoencoderOpt = Annotated[
+    Path | None, typer.Option(help="tiny-ae file whose latents are decoded (default: the embedded one).")
+]
+CropOpt = Annotated[int, typer.Option(help="Output (ground-truth crop) side in pixels.")]
+CropsPerPhotoOpt = Annotated[int, typer.Option(help="Crops per held-out photo.")]
+ShortSideOpt = Annotated[int, typer.Option(help="Photos are reduced to this short side first.")]
 
 # train commands: a TOML recipe and key=value overrides
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML recipe (see recipes/).")]
